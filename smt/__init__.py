@@ -1,0 +1,42 @@
+"""smt: Sparse Matrix Tuning for large language models.
+
+Core names import without Lightning; ``SparseMatrixTuning`` (a Lightning callback) loads Lightning on
+first use, so ``import smt`` stays cheap for library users.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SMTConfig": "smt.config",
+    "BlockGrid": "smt.blocks",
+    "Selection": "smt.selection",
+    "select_top_k": "smt.selection",
+    "apply_selection": "smt.model",
+    "inject": "smt.model",
+    "save_delta": "smt.model",
+    "load_delta": "smt.model",
+    "merge_delta": "smt.model",
+    "trainable_summary": "smt.model",
+    "SparseMatrixTuning": "smt.callbacks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from smt.blocks import BlockGrid
+    from smt.callbacks import SparseMatrixTuning
+    from smt.config import SMTConfig
+    from smt.model import apply_selection, inject, load_delta, merge_delta, save_delta, trainable_summary
+    from smt.selection import Selection, select_top_k
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'smt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

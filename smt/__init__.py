@@ -17,8 +17,9 @@ _EXPORTS = {
     "select_top_k": "smt.selection",
     "apply_selection": "smt.model",
     "inject": "smt.model",
-    "save_delta": "smt.model",
-    "load_delta": "smt.model",
+    "save_delta": "smt.delta",
+    "load_delta": "smt.delta",
+    "read_delta": "smt.delta",
     "merge_delta": "smt.model",
     "trainable_summary": "smt.model",
     "SparseMatrixTuning": "smt.callbacks",
@@ -30,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt.blocks import BlockGrid
     from smt.callbacks import SparseMatrixTuning
     from smt.config import SMTConfig
-    from smt.model import apply_selection, inject, load_delta, merge_delta, save_delta, trainable_summary
+    from smt.delta import load_delta, read_delta, save_delta
+    from smt.model import apply_selection, inject, merge_delta, trainable_summary
     from smt.selection import Selection, select_top_k
 
 

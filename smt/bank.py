@@ -57,6 +57,10 @@ class BlockBank(nn.Module):
         self._slot_cache: dict[int, list[int]] | None = None
         self._provisional_map()
 
+    def forward(self, x):
+        """Identity: containers such as ``nn.Sequential`` call every child, and the bank computes nothing."""
+        return x
+
     @property
     def capacity(self) -> int:
         return len(self.slots)

@@ -1,9 +1,12 @@
-"""Shared test setup: fixed seeds for every test, fp32 by default, the slow/gpu markers."""
+"""Shared test setup: fixed seeds for every test, the gpu marker, tests/ on the import path."""
 
 import os
+import sys
+from pathlib import Path
 
 # Triton kernels run on CPU only in the interpreter, and it must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -24,7 +24,7 @@ from smt.kernels.triton.tiling import dot_mode, gemm_tiles, mma
 
 TARGET_PROGRAMS = 264
 """Programs wanted in flight before split-K stops helping: two waves on a 132-SM H100."""
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 128
 """Each split reduces at least this many tokens, so partial sums stay cheap relative to the GEMM."""
 
 

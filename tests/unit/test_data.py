@@ -190,8 +190,14 @@ def test_packing_concatenates_whole_examples_with_restarting_positions():
 def test_packed_batch_gives_each_example_the_logits_it_has_alone():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    config.num_attention_heads, config.num_key_value_heads = 4, 2
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     first, second = [2, 5, 6, 7, 3], [2, 9, 10, 3]
     blocks = pack_examples([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}], 16)

@@ -329,3 +329,29 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         tuned = sum(layer.grid.numel_of(bank.index_of(i)) for i, layer in enumerate(sparse_layers(model).values()))
     bank_params = 0 if bank is None else sum(p.numel() for p in bank.parameters())
     return TrainableSummary(trainable, total - bank_params, tuned, dict(by_type))
+
+
+class merged:
+    """Context manager: every wrapped layer holds ``W0 + Δ`` inside, the original bits after.
+
+    Example:
+        >>> with merged(model):  # doctest: +SKIP
+        ...     model.save_pretrained(out, state_dict=plain_state_dict(model))
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = list(sparse_layers(model).values())
+
+    def __enter__(self) -> list[SparseBlockLinear]:
+        for layer in self.layers:
+            layer.merge()
+        return self.layers
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers:
+            layer.unmerge()
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without smt's own entries: the keys of the model before injection."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(BANK_NAME + ".")}

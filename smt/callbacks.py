@@ -1,0 +1,312 @@
+"""``SparseMatrixTuning``: the Lightning callback that runs warm-up → selection → block tuning.
+
+Lifecycle (hook order verified against lightning 2.6 ``Trainer._run``: ``setup`` → ``configure_model``
+→ checkpoint restore → ``strategy.setup`` (wrapping, ``configure_optimizers``) → ``on_fit_start`` →
+``on_train_start``):
+
+- ``setup``: freeze, wrap the targets and add the bank of K slots *before* the strategy wraps the model
+  and before the optimizer is built, so the trainable set never changes afterwards. If the module
+  builds its layers in ``configure_model``, injection runs right after it instead.
+- warm-up = the first ``warmup_steps`` optimizer steps of ordinary training: the layers tap block
+  scores; in ``on_before_optimizer_step`` every gradient is dropped (Lightning clips and steps after
+  this hook), so nothing is updated and no optimizer state is made.
+- at the last warm-up step: scores are summed across ranks, blocks selected, the selection's hash
+  compared across ranks, the slots pointed at the blocks, their optimizer state cleared, tuning on.
+- state: the map and phase are module buffers/extra state (restored with the weights); the warm-up's
+  step count and partial scores are this callback's ``state_dict``, so resume never repeats a warm-up.
+
+The LR schedule should start after the warm-up: ``SMTLanguageModel`` does this itself; in your own
+module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warmup_offset``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from smt.config import PoolConfig, SMTConfig
+from smt.model import (
+    apply_selection,
+    get_bank,
+    inject,
+    select_blocks,
+    sparse_layers,
+    start_scoring,
+    trainable_summary,
+)
+from smt.scoring import CRITERIA
+from smt.selection import Selection
+
+GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
+
+
+class SparseMatrixTuning(Callback):
+    """Train only the most important weight blocks of a LightningModule.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[SparseMatrixTuning(target_modules=["v_proj"], density=0.01, warmup_steps=50)])
+
+    Args:
+        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex.
+        block_size: block shape ``(rows, cols)`` or one int; ``-1`` = full dimension (strips). Larger = faster, coarser.
+        num_blocks: total blocks to tune (set this or ``density``).
+        density: fraction of targeted weights to tune (default 0.01 when neither budget is set).
+        pools: separate budgets per named pool of modules, e.g. ``{"attention": {"pattern": "attn", "density": 0.01}}``.
+        max_blocks_per_module: upper limit of blocks in one module.
+        min_blocks_per_module: lower limit of blocks in every module.
+        warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
+        criterion: block score (``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``, ``random``).
+        accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
+        forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
+        kernel: ``auto``, ``torch`` or ``triton``.
+        delta_dtype: dtype of the trainable slots (``float32`` master weights by default).
+        seed: seed of the ``random`` criterion.
+        selection_path: load this saved selection (or delta's selection) and skip the warm-up.
+        save_selection: write the selection here when it is made (plus a heatmap PNG beside it).
+        trainable_modules: regex of further modules trained densely beside the blocks (a new head, norms).
+        submodule: attribute path of the network to tune inside the LightningModule (default: the module's
+            ``smt_target()`` if it defines one, else the LightningModule itself).
+    """
+
+    def __init__(
+        self,
+        target_modules: str | list[str] = ("q_proj", "k_proj", "v_proj"),
+        block_size: int | tuple[int, int] = 256,
+        num_blocks: int | None = None,
+        density: float | None = None,
+        pools: dict[str, PoolConfig] | None = None,
+        max_blocks_per_module: int | None = None,
+        min_blocks_per_module: int = 0,
+        warmup_steps: int = 100,
+        criterion: str = "grad_sq",
+        accumulator_device: str | None = None,
+        forward: str = "auto",
+        kernel: str = "auto",
+        delta_dtype: str = "float32",
+        seed: int = 0,
+        selection_path: str | None = None,
+        save_selection: str | None = None,
+        trainable_modules: str | None = None,
+        submodule: str | None = None,
+    ) -> None:
+        self.config = SMTConfig(
+            list(target_modules) if isinstance(target_modules, tuple) else target_modules,
+            block_size, num_blocks, density, pools, max_blocks_per_module, min_blocks_per_module,
+            warmup_steps, criterion, accumulator_device, forward, kernel, delta_dtype, seed,
+        )  # fmt: skip
+        if self.config.warmup_steps == 0 and selection_path is None and criterion not in GRADIENT_FREE:
+            raise ValueError(
+                f"smt.warmup_steps=0 needs a selection_path or a gradient-free criterion {GRADIENT_FREE}; "
+                f"criterion {criterion!r} scores gradients"
+            )
+        self.selection_path, self.save_selection = selection_path, save_selection
+        self.trainable_modules, self.submodule = trainable_modules, submodule
+        self.phase = "setup"
+        self.steps_scored = 0
+        self.selection: Selection | None = None
+        self._scorers: dict = {}
+        self._pending_state: dict | None = None
+
+    # --- where to inject ------------------------------------------------------------------------------
+
+    def target(self, pl_module: LightningModule) -> torch.nn.Module:
+        """The network that gets the bank."""
+        if self.submodule:
+            return pl_module.get_submodule(self.submodule)
+        finder = getattr(pl_module, "smt_target", None)
+        return finder() if callable(finder) else pl_module
+
+    @property
+    def warmup_offset(self) -> int:
+        """Optimizer steps before tuning starts (0 when a selection was loaded): where the LR schedule begins."""
+        return 0 if self.selection_path else self.config.warmup_steps
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if _has_configure_model(pl_module):
+            _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
+        else:
+            self._inject(trainer, pl_module, stage)
+
+    def _inject(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        network = self.target(pl_module)
+        if get_bank(network) is None:
+            if self.selection_path:
+                selection = _load_selection(self.selection_path)
+                apply_selection(network, selection, self.config)
+                self.selection = selection
+            else:
+                inject(network, self.config)
+        self._unfreeze_trainable(pl_module)
+        bank = get_bank(network)
+        if stage == "fit" and not bank.tuning:
+            self._scorers = start_scoring(network, self.config)
+            self.phase = "warmup"
+            if self._pending_state is not None:
+                self._load_scorers(self._pending_state)
+        else:
+            self.phase = "tuning" if bank.tuning else "warmup"
+        rank_zero_info(f"smt: {trainable_summary(network)}")
+
+    def _unfreeze_trainable(self, pl_module: LightningModule) -> None:
+        if not self.trainable_modules:
+            return
+        pattern = re.compile(self.trainable_modules)
+        bank = get_bank(self.target(pl_module))
+        targeted = {id(layer.weight) for layer in sparse_layers(self.target(pl_module)).values()}
+        hits = 0
+        for name, param in pl_module.named_parameters():
+            if pattern.search(name) and id(param) not in targeted and bank is not None and "smt_bank" not in name:
+                param.requires_grad_(True)
+                hits += 1
+        if hits == 0:
+            raise ValueError(f"smt.trainable_modules={self.trainable_modules!r} matches no parameter; check the pattern")
+
+    # --- warm-up --------------------------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Under FSDP/DeepSpeed the callback state may load after on_fit_start: settle the phase here.
+        bank = get_bank(self.target(pl_module))
+        if bank.tuning and self.phase == "warmup":
+            self._end_scoring(pl_module)
+        if self.phase == "warmup" and self.config.warmup_steps == 0:  # gradient-free criterion: choose now
+            self._select(trainer, pl_module)
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.phase == "warmup":
+            scale = _loss_scale(trainer)
+            for scorer in self._scorers.values():
+                scorer.loss_scale = scale
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.phase != "warmup":
+            return
+        _drop_gradients(optimizer, zero_instead=_uses_grad_scaler(trainer))
+        finite = [scorer.commit() for scorer in self._scorers.values()]
+        if all(finite):
+            self.steps_scored += 1
+        if self.steps_scored >= self.config.warmup_steps:
+            self._select(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        left = max(0, self.config.warmup_steps - self.steps_scored) if self.phase == "warmup" else 0
+        pl_module.log("smt/warmup_left", float(left), prog_bar=True)
+
+    def _select(self, trainer: Trainer, pl_module: LightningModule, optimizer=None) -> None:
+        network = self.target(pl_module)
+        for scorer in self._scorers.values():
+            scorer.reduce_(lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum"))
+        model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
+        selection = select_blocks(network, self.config, self._scorers, self.steps_scored, model_id)
+        _check_same_on_every_rank(trainer, selection)
+        apply_selection(network, selection)
+        for slot in get_bank(network).slots:  # fresh optimizer state for every slot
+            for opt in trainer.optimizers if optimizer is None else [optimizer]:
+                opt.state.pop(slot, None)
+        self.selection, self.phase, self._scorers = selection, "tuning", {}
+        rank_zero_info(f"smt: selected {selection.summary()}")
+        rank_zero_info(f"smt: {trainable_summary(network)}")
+        if self.save_selection and trainer.is_global_zero:
+            path = selection.save(self.save_selection)
+            selection.heatmap(Path(path).with_suffix(".png"))
+            rank_zero_info(f"smt: selection written to {path} (heatmap {Path(path).with_suffix('.png')})")
+
+    def _end_scoring(self, pl_module: LightningModule) -> None:
+        for layer in sparse_layers(self.target(pl_module)).values():
+            layer.scorer = None
+        self._scorers, self.phase = {}, "tuning"
+
+    # --- resume ---------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict:
+        return {
+            "phase": self.phase,
+            "steps_scored": self.steps_scored,
+            "scorers": {name: s.state_dict() for name, s in self._scorers.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps_scored = int(state_dict["steps_scored"])
+        if state_dict["phase"] == "warmup":
+            if self._scorers:
+                self._load_scorers(state_dict)
+            else:
+                self._pending_state = state_dict
+
+    def _load_scorers(self, state: dict) -> None:
+        for name, scorer_state in state["scorers"].items():
+            if name in self._scorers:
+                self._scorers[name].load_state_dict(scorer_state)
+        self._pending_state = None
+
+
+def _load_selection(path: str) -> Selection:
+    if str(path).endswith(".safetensors"):
+        try:
+            return Selection.load(path)
+        except ValueError as err:
+            if "not an smt selection file" not in str(err):
+                raise
+        from smt.delta import read_delta
+
+        return read_delta(path)[0]
+    return Selection.load(path)
+
+
+def _has_configure_model(pl_module: LightningModule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("configure_model", pl_module)
+
+
+def _run_after_configure_model(pl_module: LightningModule, then) -> None:
+    """Patch ``configure_model`` on the instance so injection follows the user's layer building."""
+    original = pl_module.configure_model
+
+    def configure_model() -> None:  # no functools.wraps: Lightning's is_overridden must see an override
+        original()
+        then()
+        pl_module.configure_model = original
+
+    pl_module.configure_model = configure_model
+
+
+def _drop_gradients(optimizer, zero_instead: bool) -> None:
+    """Remove every gradient before the optimizer step (or zero it, where a GradScaler needs one to step)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                if zero_instead:
+                    param.grad.zero_()
+                else:
+                    param.grad = None
+
+
+def _uses_grad_scaler(trainer: Trainer) -> bool:
+    return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def _loss_scale(trainer: Trainer) -> float:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def _check_same_on_every_rank(trainer: Trainer, selection: Selection) -> None:
+    mine = selection.fingerprint()
+    first = trainer.strategy.broadcast(mine, src=0)
+    if first != mine:
+        raise RuntimeError(
+            f"smt: rank {trainer.global_rank} selected {mine} but rank 0 selected {first}; "
+            "scores were not reduced identically across ranks"
+        )

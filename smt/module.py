@@ -1,0 +1,247 @@
+"""``SMTLanguageModel``: a LightningModule for any transformers causal LM, ready for the SMT callback.
+
+It loads the model (a local folder or cached id, ``local_files_only``; or a random model from a config
+dict, for debugging), trains on response tokens only (the data module masks prompts), reports
+validation loss, perplexity and token accuracy, evaluates with ``smt.eval`` in ``test``, and at the end
+of fit writes the delta file and/or the merged model. ``smt_target()`` tells the callback to tune the
+transformers model inside, so delta files carry the model's own module names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import Perplexity
+
+from smt.data import IGNORE_INDEX
+from smt.model import get_bank, merged, plain_state_dict
+from smt.schedules import after_warmup, warmup_cosine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_TOKENIZERS = ("bytes",)
+
+
+def load_causal_lm(name_or_path: str | None, model_config: dict | None, dtype: str, attn_implementation: str):
+    """A transformers causal LM from a local folder / cached id, or a randomly initialised one from a config dict.
+
+    Raises:
+        ValueError: neither or both sources given, or the model cannot be found locally.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (name_or_path is None) == (model_config is None):
+        raise ValueError("set exactly one of model.model (a local folder or cached id) and model.model_config")
+    if model_config is not None:
+        config = AutoConfig.for_model(**model_config)
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model.model={name_or_path!r} was not found locally ({str(err).splitlines()[0][:120]}); "
+            "give a folder written by save_pretrained (e.g. `python scripts/prepare_smollm2.py`)"
+        ) from err
+
+
+def load_tokenizer_for(name_or_path: str | None, tokenizer: str | None):
+    """The tokenizer: ``bytes`` (a built-in byte-level one, no files), a folder/id, or the model's own."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer or name_or_path
+    if source == "bytes":
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
+    if source is None:
+        raise ValueError("model.tokenizer is unset and the model has no folder to load one from; use 'bytes' or a folder")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.tokenizer={source!r} was not found locally; give a tokenizer folder") from err
+
+
+class SMTLanguageModel(LightningModule):
+    """Fine-tune a transformers causal LM (add the ``SparseMatrixTuning`` callback to tune blocks only).
+
+    Args:
+        model: local folder or cached id of a pretrained causal LM (loaded with ``local_files_only=True``).
+        model_config: instead of ``model``: a transformers config dict (with ``model_type``) for a random model.
+        tokenizer: tokenizer folder/id; default: the model's folder. ``bytes`` = built-in byte tokenizer.
+        dtype: weight dtype of the base model (``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: ``eager`` or ``sdpa``.
+        gradient_checkpointing: recompute activations in backward (less memory, ~30 % more time).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (it also pulls unused block deltas back to 0).
+        betas: AdamW betas.
+        scheduler: ``cosine``, ``linear`` or ``constant`` after the LR warm-up.
+        lr_warmup_steps: linear LR warm-up steps (counted after the SMT warm-up).
+        min_lr_ratio: final LR as a fraction of ``lr``.
+        eval_mode: ``test`` scoring: ``likelihood`` (most likely label, fast) or ``generate`` (the papers' protocol).
+        max_new_tokens: generation length in ``generate`` mode.
+        results_path: JSON file for ``test`` results (per-task accuracy).
+        delta_path: write the delta file here at the end of fit (bf16).
+        merged_dir: write the merged model (``save_pretrained`` + tokenizer) here at the end of fit.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "eager",
+        gradient_checkpointing: bool = False,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: str = "cosine",
+        lr_warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        eval_mode: str = "likelihood",
+        max_new_tokens: int = 32,
+        results_path: str | None = None,
+        delta_path: str | None = None,
+        merged_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        if eval_mode not in ("likelihood", "generate"):
+            raise ValueError(f"model.eval_mode={eval_mode!r} is not one of likelihood, generate")
+        warmup_cosine(1, 0, 0.0, scheduler)  # validates the name now, not at the first step
+        self.save_hyperparameters()
+        self.model = load_causal_lm(model, model_config, dtype, attn_implementation)
+        self.tokenizer = load_tokenizer_for(model, tokenizer)
+        if model_config is not None and len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"model.model_config.vocab_size={self.model.config.vocab_size} is smaller than the tokenizer "
+                f"({len(self.tokenizer)}); raise it"
+            )
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self._test_tracker = None
+
+    def smt_target(self) -> torch.nn.Module:
+        """The network the SMT callback tunes: the transformers model, so deltas carry its module names."""
+        return self.model
+
+    # --- steps ----------------------------------------------------------------------------------------
+
+    def forward(self, **batch) -> Any:
+        return self.model(**batch, use_cache=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(**_model_inputs(batch)).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(**_model_inputs(batch))
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        self.val_perplexity.update(logits, labels)
+        mask = labels != IGNORE_INDEX
+        accuracy = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum().clamp_min(1)
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/token_acc", accuracy, batch_size=size, sync_dist=True)
+        self.log("val/ppl", self.val_perplexity, batch_size=size)
+
+    def on_test_epoch_start(self) -> None:
+        from smt.eval import AccuracyTracker
+
+        self._test_tracker = AccuracyTracker()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        from smt.eval import get_task, judge
+
+        specs = [get_task(task) for task in batch["task"]]
+        if self.hparams.eval_mode == "likelihood" and all(s.supports_likelihood for s in specs):
+            correct = self._likelihood_correct(batch, specs)
+        else:
+            outputs = self._generate(batch)
+            correct = [judge(s, o, r).correct for s, o, r in zip(specs, outputs, batch["reference"])]
+        self._test_tracker.update_many(list(batch["task"]), correct)
+
+    def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
+        from smt.eval import score_candidates_batch
+
+        prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
+        scores = score_candidates_batch(self.model, self.tokenizer, prompts, [s.labels for s in specs], device=self.device)
+        return [sc.prediction == ref.strip().lower() for sc, ref in zip(scores, batch["reference"])]
+
+    def _generate(self, batch: dict) -> list[str]:
+        prompt_len = batch["input_ids"].shape[1]
+        tokens = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+
+    def on_test_epoch_end(self) -> None:
+        from smt.eval import format_markdown_table, write_results_json
+
+        results = self._test_tracker.results()
+        for result in results:
+            self.log(f"test/acc_{result.task}", result.accuracy)
+        rank_zero_info(format_markdown_table(results, title="test accuracy"))
+        if self.hparams.results_path and self.trainer.is_global_zero:
+            write_results_json(self.hparams.results_path, results, {"model": self.hparams.model})
+
+    # --- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen; check smt.target_modules/trainable_modules")
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                      betas=tuple(self.hparams.betas))
+        offset = _smt_warmup_offset(self.trainer)
+        total = max(1, int(self.trainer.estimated_stepping_batches) - offset)
+        shape = warmup_cosine(total, self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio, self.hparams.scheduler)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, after_warmup(shape, offset))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- outputs --------------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero or get_bank(self.model) is None:
+            return
+        if self.hparams.delta_path:
+            from smt.delta import save_delta
+
+            path = save_delta(self.model, self.hparams.delta_path, base_model_id=self.hparams.model)
+            rank_zero_info(f"smt: delta written to {path}")
+        if self.hparams.merged_dir:
+            save_merged(self.model, self.tokenizer, self.hparams.merged_dir)
+            rank_zero_info(f"smt: merged model written to {self.hparams.merged_dir}")
+
+
+def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
+    """``save_pretrained`` of ``W0 + Δ`` (plain transformers keys) and the tokenizer; the model is unchanged after."""
+    folder = Path(folder)
+    with merged(model):
+        model.save_pretrained(folder, state_dict=plain_state_dict(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
+
+
+def _smt_warmup_offset(trainer) -> int:
+    from smt.callbacks import SparseMatrixTuning
+
+    return sum(cb.warmup_offset for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning))

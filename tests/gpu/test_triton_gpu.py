@@ -1,9 +1,12 @@
 """The Triton ops on a CUDA device against the PyTorch reference, in bf16, fp16 and fp32, on realistic shapes.
 
-Run with ``python -m pytest tests/gpu -q`` (skipped without CUDA by tests/conftest.py). The reference
+Run with ``TRITON_INTERPRET=0 python -m pytest tests/gpu -q`` (skipped without CUDA by tests/conftest.py;
+``TRITON_INTERPRET=0`` because that conftest defaults it to 1, which would interpret the kernels). The reference
 runs in fp32 on the same (already rounded) inputs: half × half products are exact in fp32, so block
 dW and scores differ from it only by summation order; the delta matmuls also round once into ``out``.
 """
+
+import os
 
 import pytest
 import torch
@@ -26,7 +29,10 @@ RTOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 @pytest.fixture
 def triton_ops():
+    """The Triton backend, compiled: tests/conftest.py defaults TRITON_INTERPRET to 1, which would interpret it."""
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would interpret the kernels; run `TRITON_INTERPRET=0 pytest tests/gpu`")
     return backend_for("triton", "cuda")
 
 

@@ -1,8 +1,9 @@
 """Benchmark the Triton block kernels against dense GEMMs on LLaMA-7B layer shapes; prints a markdown table.
 
-GPU run (one command, from the repo root; tests first, then the table into docs/):
+GPU run (one command, from the repo root: the GPU tests, then the table into docs/kernels_bench.md):
 
-    python -m pytest tests/gpu -q && python scripts/bench_kernels.py --device cuda | tee docs/kernels_bench.md
+    export TRITON_INTERPRET=0 PYTHONPATH=.; python -m pytest tests/gpu -q -ra; \
+        python scripts/bench_kernels.py | tee docs/kernels_bench.md
 
 CPU smoke mode (tiny shapes, the torch reference instead of Triton; exercises this script only):
 
@@ -22,6 +23,7 @@ Times are medians over ``--repeats`` runs, with CUDA events on GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.device == "cuda" and not torch.cuda.is_available():
         print("bench_kernels.py: no CUDA device here; on CPU only `--device cpu --small` runs", file=sys.stderr)
+        return 2
+    if settings.device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("bench_kernels.py: TRITON_INTERPRET=1 would time the interpreter; unset it", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     ops = kernel_ops(settings)

@@ -72,32 +72,18 @@ def load_records(path: str | Path, cache_dir: str | Path, role: str = "train_pat
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise ValueError(f"{role}={str(path)!r} {what}; pass a JSON/JSONL file (LLM-Adapters or GSM8K fields)")
-    raw = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
-    schema = detect_schema(raw.column_names, path)
-    return raw.map(
-        _normalizer(schema, path),
-        batched=True,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        new_fingerprint=_fingerprint("normalize", path, schema),
-        load_from_cache_file=False,
-        desc=f"reading {path.name}",
-    )
+    try:
+        raw = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
+    except (datasets.exceptions.DatasetsError, ValueError, StopIteration) as error:
+        detail = str(error.__cause__ or error).strip().splitlines() or ["no records"]
+        raise ValueError(f"{role}={str(path)!r} is not a JSON array or JSONL of records ({detail[0][:100]})") from None
+    schema = _detect_schema(raw.column_names, path)
+    key = ("normalize", raw._fingerprint, schema)
+    return _map(raw, _normalizer(schema, path), raw.column_names, key, with_indices=True)
 
 
-def detect_schema(columns: Sequence[str], path: str | Path) -> str:
-    """Tell which schema a file's records use.
-
-    Args:
-        columns: the field names present.
-        path: the file (for the error message).
-
-    Returns:
-        ``"llm_adapters"`` or ``"gsm8k"``.
-
-    Raises:
-        ValueError: neither ``instruction`` + ``output`` nor ``question`` + ``answer`` are present.
-    """
+def _detect_schema(columns: Sequence[str], path: Path) -> str:
+    """``"llm_adapters"`` (instruction + output) or ``"gsm8k"`` (question + answer); else a one-line error."""
     fields = set(columns)
     if {"instruction", "output"} <= fields:
         return "llm_adapters"
@@ -115,26 +101,14 @@ def _normalizer(schema: str, path: Path):
         records = []
         for position, index in enumerate(indices):
             row = {key: values[position] for key, values in batch.items()}
-            records.append(normalize_record(row, schema, f"{path}: row {index}"))
+            records.append(_normalize_record(row, schema, f"{path}: row {index}"))
         return {name: [record[name] for record in records] for name in _FIELDS}
 
     return normalize
 
 
-def normalize_record(row: dict[str, Any], schema: str, where: str) -> dict[str, str]:
-    """One raw record → ``instruction``, ``input``, ``response``, ``reference`` (all strings).
-
-    Args:
-        row: the raw record.
-        schema: ``"llm_adapters"`` or ``"gsm8k"``.
-        where: ``"<file>: row <i>"``, for error messages.
-
-    Returns:
-        The normalized record; ``reference`` is ``""`` when the record carries no gold answer.
-
-    Raises:
-        ValueError: a required field is null.
-    """
+def _normalize_record(row: dict[str, Any], schema: str, where: str) -> dict[str, str]:
+    """One raw record → string fields ``instruction/input/response/reference`` (reference ``""`` if absent)."""
     if schema == "gsm8k":
         answer = _required(row, "answer", where)
         return {
@@ -164,16 +138,8 @@ def _fingerprint(*parts: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- splitting
-def seeded_permutation(n: int, seed: int) -> list[int]:
-    """A permutation of ``range(n)`` that depends only on ``seed`` (same on every machine).
-
-    Args:
-        n: length.
-        seed: random seed.
-
-    Returns:
-        The permuted indices.
-    """
+def _seeded_permutation(n: int, seed: int) -> list[int]:
+    """A permutation of ``range(n)`` that depends only on ``seed`` (the same on every machine)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
@@ -199,7 +165,7 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[
         count = 1
     if count >= n and count > 0:
         raise ValueError(f"val_split={val_split} takes {count} of {n} records and leaves none to train on")
-    val = sorted(seeded_permutation(n, seed)[:count])
+    val = sorted(_seeded_permutation(n, seed)[:count])
     held_out = set(val)
     return [i for i in range(n) if i not in held_out], val
 
@@ -222,7 +188,7 @@ def take_limit(indices: Sequence[int], limit: int | None, seed: int) -> list[int
         return list(indices)
     if limit < 1:
         raise ValueError(f"limit={limit} must be ≥ 1 (or null for all records)")
-    order = seeded_permutation(len(indices), seed)[:limit]
+    order = _seeded_permutation(len(indices), seed)[:limit]
     return sorted(indices[i] for i in order)
 
 
@@ -268,10 +234,10 @@ def encode_examples(
     _, prompt_ids = _encode_prompts(tokenizer, template, records)
     responses = [render_response(template, text) for text in records["response"]]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    keep_first = _starts_with_bos(tokenizer, template)
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for prompt, response in zip(prompt_ids, response_ids, strict=True):
-        prompt, response = fit_to_length(prompt, list(response) + [tokenizer.eos_token_id], max_length, keep_first)
+        keep_bos = _starts_with_bos(prompt, tokenizer)
+        prompt, response = fit_to_length(prompt, list(response) + [tokenizer.eos_token_id], max_length, keep_bos)
         out["input_ids"].append(prompt + response)
         out["labels"].append(([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + response)
     return out
@@ -290,8 +256,8 @@ def encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]],
         Columns ``input_ids`` and ``prompt`` (the rendered text).
     """
     prompts, ids = _encode_prompts(tokenizer, template, records)
-    keep_first = _starts_with_bos(tokenizer, template)
-    return {"input_ids": [fit_to_length(p, [], max_length + 1, keep_first)[0] for p in ids], "prompt": prompts}
+    cut = [fit_to_length(p, [], max_length, _starts_with_bos(p, tokenizer))[0] for p in ids]
+    return {"input_ids": cut, "prompt": prompts}
 
 
 def _encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]]) -> tuple[list[str], list[list[int]]]:
@@ -301,9 +267,8 @@ def _encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]]
     return prompts, [list(row) for row in ids]
 
 
-def _starts_with_bos(tokenizer: Any, template: str) -> bool:
-    probe = tokenizer("x", add_special_tokens=adds_special_tokens(template))["input_ids"]
-    return tokenizer.bos_token_id is not None and bool(probe) and probe[0] == tokenizer.bos_token_id
+def _starts_with_bos(ids: list[int], tokenizer: Any) -> bool:
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
 def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
@@ -559,8 +524,9 @@ class InstructionDataModule(LightningDataModule):
         kept = [i for i in range(len(train)) if i not in held_out]
         self.train_dataset = self._tokenize(train.select(take_limit(kept, self.limit_train, self.seed)))
         if self.packing:
-            order = seeded_permutation(len(self.train_dataset), self.seed)
-            rows = [self.train_dataset[i] for i in order]
+            ids, labels = list(self.train_dataset["input_ids"]), list(self.train_dataset["labels"])
+            order = _seeded_permutation(len(ids), self.seed)
+            rows = [{"input_ids": ids[i], "labels": labels[i]} for i in order]
             self.train_dataset = pack_examples(rows, self.max_length)
         self.val_dataset = self._tokenize(val.select(val_indices)) if val_indices else None
 
@@ -590,7 +556,10 @@ class InstructionDataModule(LightningDataModule):
 
     def _tokenize(self, records: datasets.Dataset) -> datasets.Dataset:
         tokenizer, template, max_length, mask = self.tokenizer, self.template, self.max_length, self.mask_prompt
-        encode = lambda batch: encode_examples(tokenizer, template, batch, max_length, mask)  # noqa: E731
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            return encode_examples(tokenizer, template, batch, max_length, mask)
+
         return _map(records, encode, records.column_names, ("encode", template, max_length, mask, id(tokenizer)))
 
     def _prompts(self, records: datasets.Dataset, task: str) -> datasets.Dataset:
@@ -641,11 +610,14 @@ class InstructionDataModule(LightningDataModule):
         )
 
 
-def _map(records: datasets.Dataset, function: Any, dropped: list[str], key: tuple) -> datasets.Dataset:
+def _map(
+    records: datasets.Dataset, function: Any, dropped: list[str], key: tuple, with_indices: bool = False
+) -> datasets.Dataset:
     """``records.map`` in batches, never reusing stale cache files; ``key`` names the work (skips hashing)."""
     return records.map(
         function,
         batched=True,
+        with_indices=with_indices,
         remove_columns=dropped,
         new_fingerprint=_fingerprint(records._fingerprint, *key),
         load_from_cache_file=False,

@@ -6,9 +6,10 @@ Two ways to score a test example whose prompt comes from ``smt.prompts`` (the da
 * **Generation** (the papers' protocol): generate a response, then
   ``judge(get_task(task), response, reference)`` extracts the answer (first label / last number /
   first letter) and compares it with the reference.
-* **Log-likelihood** (fast, no generation; only tasks with a label set): for a task ``spec`` with
-  ``spec.supports_likelihood``, ``score_candidates(model, tokenizer, prompt + spec.likelihood_prefix,
-  spec.labels).prediction`` is the most likely label; it is correct when it equals the reference.
+* **Log-likelihood** (fast, no generation; only tasks with a label set, ``spec.supports_likelihood``):
+  ``predict_labels(model, tokenizer, spec, prompts)`` returns the most likely label per prompt (scored
+  as ``prompt + "the correct answer is" + " <label>"``); it is correct when it equals the reference.
+  ``score_candidates`` scores arbitrary candidate strings.
 
 Collect outcomes in an ``AccuracyTracker`` and report with ``format_markdown_table`` and
 ``write_results_json``.
@@ -31,7 +32,7 @@ from smt.eval.extract import (
     gsm8k_reference,
     judge,
 )
-from smt.eval.likelihood import CandidateScores, score_candidates, score_candidates_batch
+from smt.eval.likelihood import CandidateScores, predict_labels, score_candidates, score_candidates_batch
 from smt.eval.metrics import (
     AccuracyTracker,
     TaskResult,
@@ -60,6 +61,7 @@ __all__ = [
     "judge",
     "macro_average",
     "micro_average",
+    "predict_labels",
     "results_to_dict",
     "score_candidates",
     "score_candidates_batch",

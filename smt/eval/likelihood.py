@@ -15,6 +15,9 @@ candidate is scored after exactly the same context tokens; put the separating sp
 candidate (``" true"``) or at the end of the context, as the tokenizer expects.
 
 API:
+    ``predict_labels(model, tokenizer, spec, prompts, batch_size=16, normalize=False, ...) -> list[str]``
+        (a task's label for each prompt: context ``prompt + spec.likelihood_prefix``, candidates
+        ``" " + label``; the labels come back without the space)
     ``score_candidates(model, tokenizer, prompt, candidates, batch_size=16, ...) -> CandidateScores``
     ``score_candidates_batch(model, tokenizer, prompts, candidates, batch_size=16, ...) -> list[CandidateScores]``
     ``CandidateScores``: ``sum_logprob``, ``num_tokens``, ``mean_logprob``, ``best(normalize)``, ``prediction``
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from smt.eval.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,54 @@ class CandidateScores:
     def prediction(self) -> str:
         """The candidate with the largest summed log-probability."""
         return self.candidates[self.best()]
+
+
+def predict_labels(
+    model: Callable[..., Any],
+    tokenizer: Any,
+    spec: TaskSpec,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    normalize: bool = False,
+    max_length: int | None = None,
+    add_special_tokens: bool = True,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """The most likely label of a task for each prompt, by log-likelihood (no generation).
+
+    Args:
+        model: see :func:`score_candidates`.
+        tokenizer: see :func:`score_candidates`.
+        spec: a task with a label set (``spec.supports_likelihood``), e.g. ``get_task("boolq")``.
+        prompts: rendered prompts (``smt.prompts.render_prompt``), ending where the response begins.
+        batch_size: rows (prompt + label) per forward pass.
+        normalize: rank labels by per-token mean instead of summed log-probability.
+        max_length: longest row; longer prompts are cut from the left.
+        add_special_tokens: let the tokenizer add BOS (False for chat-rendered prompts).
+        device: where to run; None uses the model's device.
+
+    Returns:
+        One label of ``spec.labels`` per prompt, comparable with the gold ``answer``.
+
+    Raises:
+        ValueError: the task has no label set to score (math tasks: use generation).
+    """
+    if not spec.supports_likelihood:
+        raise ValueError(f"task {spec.name} has no label set to score by likelihood; evaluate it by generation")
+    contexts = [prompt + spec.likelihood_prefix for prompt in prompts]
+    candidates = [" " + label for label in spec.labels]
+    scores = score_candidates_batch(
+        model,
+        tokenizer,
+        contexts,
+        candidates,
+        batch_size=batch_size,
+        max_length=max_length,
+        add_special_tokens=add_special_tokens,
+        device=device,
+    )
+    return [spec.labels[result.best(normalize)] for result in scores]
 
 
 def score_candidates(

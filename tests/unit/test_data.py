@@ -281,6 +281,15 @@ def test_test_loader_yields_left_padded_prompts_references_and_tasks(tmp_path):
         assert batch["attention_mask"][row].sum() == len(ids) and batch["attention_mask"][row, -1] == 1
 
 
+def test_test_prompts_are_cut_from_the_left_keeping_bos(tmp_path):
+    tok = _tokenizer()
+    dm = _module(tmp_path, tok, val_split=2, max_length=8)
+    dm.setup("test")
+    for ids, prompt in zip(dm.test_dataset["input_ids"], dm.test_dataset["prompt"], strict=True):
+        full = _ids(tok, prompt, special=True)
+        assert len(ids) == 8 and ids == full[:1] + full[-7:] and ids[0] == tok.bos_token_id
+
+
 def test_test_data_falls_back_on_the_validation_split_and_limits(tmp_path):
     dm = _module(tmp_path, val_split=5, limit_val=3)
     dm.setup("test")
@@ -300,6 +309,12 @@ def test_missing_file_names_the_path(tmp_path):
     missing = str(tmp_path / "nope.json")
     message = _one_line_error("does not exist", lambda: _module(tmp_path, train_path=missing).setup("fit"))
     assert missing in message and "train_path" in message
+
+
+def test_broken_json_is_one_line_error(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"instruction": "Say hi.", "output": "hi"},')
+    _one_line_error("not a JSON array or JSONL", lambda: _module(tmp_path, train_path=str(path)).setup("fit"))
 
 
 def test_missing_field_names_the_field_and_fix(tmp_path):

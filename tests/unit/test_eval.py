@@ -16,6 +16,7 @@ import torch
 from smt.eval import (
     AccuracyTracker,
     TaskResult,
+    TaskSpec,
     detect_task,
     extract_choice,
     extract_last_number,
@@ -24,6 +25,7 @@ from smt.eval import (
     get_task,
     gsm8k_reference,
     judge,
+    predict_labels,
     score_candidates,
     score_candidates_batch,
     write_results_json,
@@ -191,6 +193,14 @@ def test_batched_scoring_over_prompts_equals_one_prompt_at_a_time():
         alone = score_candidates(model, tokenizer, prompt, labels, batch_size=1)
         torch.testing.assert_close(scores.sum_logprob, alone.sum_logprob)
     assert [s.prediction for s in together] == ["a", "c", "c"]  # after <s>, a: p(a)=.25 tie → a; after b: c; after b: c
+
+
+def test_predict_labels_scores_space_prefixed_labels_after_the_task_prefix():
+    # ' ' encodes to id 0 here, so " a" after "…b" scores log p(0 | b) + log p(a | 0) = log .1 + log .5.
+    toy = TaskSpec("toy", "choice", ("c", "a", "b"), likelihood_prefix="b")
+    assert predict_labels(TableModel(), CharTokenizer(), toy, ["a", "c"]) == ["a", "a"]
+    with pytest.raises(ValueError, match="by generation"):
+        predict_labels(TableModel(), CharTokenizer(), get_task("gsm8k"), ["a"])
 
 
 def test_likelihood_on_a_real_causal_lm_is_independent_of_padding():

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,8 +38,10 @@ def ops():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("these tests run Triton on CPU tensors: they need TRITON_INTERPRET=1 set before triton is imported")
     # By module path: the package re-exports the op ``block_scores``, which shadows its submodule's name.
-    names = ("block_grad", "block_scores", "delta_matmul")
-    return tuple(importlib.import_module(f"smt.kernels.triton.{name}") for name in names)
+    def module(name):
+        return importlib.import_module(f"smt.kernels.triton.{name}")
+
+    return SimpleNamespace(grad=module("block_grad"), scores=module("block_scores"), delta=module("delta_matmul"))
 
 
 def _plan(grid: BlockGrid, k: int) -> BlockPlan:
@@ -60,7 +63,7 @@ def test_block_weight_grad_matches_reference(ops, shape, k):
     plan = _plan(grid, k)
     x, dy = torch.randn(TOKENS, grid.in_features), torch.randn(TOKENS, grid.out_features)
     x_cols = reference.gather_columns(x, plan)
-    got = ops[0].block_weight_grad(dy, x_cols, plan)
+    got = ops.grad.block_weight_grad(dy, x_cols, plan)
     expected = reference.block_weight_grad(dy, x_cols, plan)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -73,7 +76,7 @@ def test_block_weight_grad_split_k_matches_reference(ops, splits):
     plan = _plan(grid, 2)
     x, dy = torch.randn(40, grid.in_features), torch.randn(40, grid.out_features)
     x_cols = reference.gather_columns(x, plan)
-    got = ops[0].block_weight_grad_split(dy, x_cols, plan, splits)
+    got = ops.grad.block_weight_grad_split(dy, x_cols, plan, splits)
     torch.testing.assert_close(got, reference.block_weight_grad(dy, x_cols, plan), rtol=1e-5, atol=1e-5)
 
 
@@ -83,9 +86,9 @@ def test_block_ops_accept_expanded_and_strided_inputs(ops):
     dy = torch.randn(1, grid.out_features).expand(TOKENS, -1)  # stride 0, as autograd can hand over
     x = torch.randn(grid.in_features, TOKENS).T  # column-major
     x_cols = reference.gather_columns(x, plan)
-    got = ops[0].block_weight_grad(dy, x_cols.T.contiguous().T, plan)
+    got = ops.grad.block_weight_grad(dy, x_cols.T.contiguous().T, plan)
     torch.testing.assert_close(got, reference.block_weight_grad(dy, x_cols, plan), rtol=1e-5, atol=1e-5)
-    scores = ops[1].block_scores(dy, x, grid, "abs")
+    scores = ops.scores.block_scores(dy, x, grid, "abs")
     torch.testing.assert_close(scores, reference.block_scores(dy, x, grid, "abs"), rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +98,7 @@ def test_block_scores_match_reference(ops, shape, reduction):
     grid = BlockGrid(*shape)
     x, dy = torch.randn(TOKENS, grid.in_features), torch.randn(TOKENS, grid.out_features)
     expected = reference.block_scores(dy, x, grid, reduction)
-    for got in (ops[1].block_scores(dy, x, grid, reduction), ops[1].fused_block_scores(dy, x, grid, reduction)):
+    for got in (ops.scores.block_scores(dy, x, grid, reduction), ops.scores.fused_block_scores(dy, x, grid, reduction)):
         assert got.dtype == torch.float32 and got.shape == grid.shape
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -103,7 +106,7 @@ def test_block_scores_match_reference(ops, shape, reduction):
 def test_block_scores_reject_unknown_reduction(ops):
     grid = BlockGrid(8, 8, 4, 4)
     with pytest.raises(ValueError, match="'max'"):
-        ops[1].fused_block_scores(torch.randn(4, 8), torch.randn(4, 8), grid, "max")
+        ops.scores.fused_block_scores(torch.randn(4, 8), torch.randn(4, 8), grid, "max")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -120,7 +123,7 @@ def test_delta_matmuls_match_reference(ops, shape, k):
         garbage = torch.randn(TOKENS, width) * 100
         expected = getattr(reference, op)(inp, clean, plan, garbage.clone())
         out = garbage.clone()
-        assert getattr(ops[2], op)(inp, poisoned, plan, out) is out
+        assert getattr(ops.delta, op)(inp, poisoned, plan, out) is out
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -131,7 +134,7 @@ def test_delta_matmul_adds_into_strided_out_in_place(ops):
     x = torch.randn(TOKENS, grid.in_features)
     out = torch.randn(grid.out_features, TOKENS).T  # column-major view: must be written through
     expected = reference.block_delta_matmul(x, clean, plan, out.clone())
-    ops[2].block_delta_matmul(x, poisoned, plan, out)
+    ops.delta.block_delta_matmul(x, poisoned, plan, out)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
@@ -139,9 +142,9 @@ def test_empty_selection_is_a_no_op(ops):
     grid = BlockGrid(10, 7, 4, 3)
     plan = BlockPlan.build(grid, torch.zeros(0, 2, dtype=torch.int64))
     x, dy = torch.randn(TOKENS, grid.in_features), torch.randn(TOKENS, grid.out_features)
-    assert ops[0].block_weight_grad(dy, reference.gather_columns(x, plan), plan).shape == (0, 4, 3)
+    assert ops.grad.block_weight_grad(dy, reference.gather_columns(x, plan), plan).shape == (0, 4, 3)
     out = torch.randn(TOKENS, grid.out_features)
-    assert torch.equal(ops[2].block_delta_matmul(x, torch.empty(0, 4, 3), plan, out.clone()), out)
+    assert torch.equal(ops.delta.block_delta_matmul(x, torch.empty(0, 4, 3), plan, out.clone()), out)
 
 
 def test_backend_for_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -179,13 +182,13 @@ def test_half_inputs_accumulate_in_fp32(ops, dtype):
     plan = _plan(grid, 3)
     x, dy = torch.randn(TOKENS, grid.in_features, dtype=dtype), torch.randn(TOKENS, grid.out_features, dtype=dtype)
     x_cols = reference.gather_columns(x, plan)
-    got = ops[0].block_weight_grad(dy, x_cols, plan)
+    got = ops.grad.block_weight_grad(dy, x_cols, plan)
     torch.testing.assert_close(got, reference.block_weight_grad(dy.float(), x_cols.float(), plan), rtol=1e-5, atol=1e-5)
-    scores = ops[1].block_scores(dy, x, grid, "sq")
+    scores = ops.scores.block_scores(dy, x, grid, "sq")
     torch.testing.assert_close(scores, reference.block_scores(dy.float(), x.float(), grid, "sq"), rtol=1e-5, atol=1e-4)
     clean, _ = _tiles_with_nan_corners(plan)
     garbage = torch.randn(TOKENS, grid.out_features, dtype=dtype) * 10
-    out = ops[2].block_delta_matmul(x, clean.to(dtype), plan, garbage.clone())
+    out = ops.delta.block_delta_matmul(x, clean.to(dtype), plan, garbage.clone())
     expected = reference.block_delta_matmul(x.float(), clean.to(dtype).float(), plan, garbage.float())
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=2e-2)

@@ -1,8 +1,8 @@
 """Triton versions of the block-sparse ops, same names, signatures and results as ``smt.kernels.reference``.
 
 ``smt.kernels.backend_for`` imports this package and uses every op it exports here; the others
-(``gather_columns``, ``materialize``) stay on the reference, whose index copy and scatter are already
-single memory-bound torch kernels.
+(``gather_columns``, ``materialize``) stay on the reference: they are memory-bound index copies, and a
+Triton port has not been measured to beat them.
 
 - ``block_weight_grad``: grouped GEMM over the selected blocks, split-K when few (``block_grad``).
 - ``block_scores``: per-block ``Σ|gᵀx|`` / ``Σ (gᵀx)²`` fused into the GEMM epilogue (``block_scores``).

@@ -26,6 +26,7 @@ class BlockBank(nn.Module):
     Args:
         module_names: targeted modules, in a fixed order (map entries refer to positions in it).
         grid_shapes: ``(n_rb, n_cb)`` of each module's grid (drives the provisional map).
+        block_shapes: ``(bo, bi)`` of each module's blocks (recorded so a checkpoint alone can rebuild the bank).
         tile_shape: ``(bo, bi)`` slot shape (the largest tile of any module).
         capacity: ``K``.
         dtype: slot dtype (fp32 master weights by default).
@@ -36,6 +37,7 @@ class BlockBank(nn.Module):
         self,
         module_names: list[str],
         grid_shapes: list[tuple[int, int]],
+        block_shapes: list[tuple[int, int]],
         tile_shape: tuple[int, int],
         capacity: int,
         dtype: torch.dtype = torch.float32,
@@ -46,6 +48,7 @@ class BlockBank(nn.Module):
             raise ValueError(f"smt: the bank needs at least one slot, got capacity={capacity}")
         self.module_names = list(module_names)
         self.grid_shapes = [tuple(shape) for shape in grid_shapes]
+        self.block_shapes = [tuple(shape) for shape in block_shapes]
         self.tile_shape = tuple(tile_shape)
         self.slots = nn.ParameterList(
             nn.Parameter(torch.zeros(*self.tile_shape, dtype=dtype, device=device)) for _ in range(capacity)
@@ -148,6 +151,7 @@ class BlockBank(nn.Module):
             "format_version": FORMAT_VERSION,
             "modules": list(self.module_names),
             "tile_shape": list(self.tile_shape),
+            "block_shapes": [list(shape) for shape in self.block_shapes],
             "tuning": self.tuning,
             "provenance": dict(self.provenance),
         }

@@ -71,6 +71,7 @@ class SparseMatrixTuning(Callback):
         trainable_modules: regex of further modules trained densely beside the blocks (a new head, norms).
         submodule: attribute path of the network to tune inside the LightningModule (default: the module's
             ``smt_target()`` if it defines one, else the LightningModule itself).
+        stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class SparseMatrixTuning(Callback):
         save_selection: str | None = None,
         trainable_modules: str | None = None,
         submodule: str | None = None,
+        stop_after_selection: bool = False,
     ) -> None:
         self.config = SMTConfig(
             list(target_modules) if isinstance(target_modules, tuple) else target_modules,
@@ -106,6 +108,7 @@ class SparseMatrixTuning(Callback):
             )
         self.selection_path, self.save_selection = selection_path, save_selection
         self.trainable_modules, self.submodule = trainable_modules, submodule
+        self.stop_after_selection = stop_after_selection
         self.phase = "setup"
         self.steps_scored = 0
         self.selection: Selection | None = None
@@ -215,6 +218,7 @@ class SparseMatrixTuning(Callback):
         self.selection, self.phase, self._scorers = selection, "tuning", {}
         rank_zero_info(f"smt: selected {selection.summary()}")
         rank_zero_info(f"smt: {trainable_summary(network)}")
+        trainer.should_stop = trainer.should_stop or self.stop_after_selection
         if self.save_selection and trainer.is_global_zero:
             path = selection.save(self.save_selection)
             selection.heatmap(Path(path).with_suffix(".png"))

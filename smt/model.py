@@ -117,7 +117,9 @@ def inject(
     tile = (max(g.block_rows for g in grids.values()), max(g.block_cols for g in grids.values()))
     device = next(iter(targets.values())).weight.device
     layers = {name: _wrap(module, grids[name], config) for name, module in targets.items()}  # may raise: nothing changed yet
-    bank = BlockBank(list(grids), [g.shape for g in grids.values()], tile, k, DTYPES[config.delta_dtype], device)
+    shapes = [g.shape for g in grids.values()]
+    blocks = [g.tile_shape for g in grids.values()]
+    bank = BlockBank(list(grids), shapes, blocks, tile, k, DTYPES[config.delta_dtype], device)
     for param in model.parameters():
         param.requires_grad_(False)
     for position, (name, layer) in enumerate(layers.items()):
@@ -140,6 +142,29 @@ def _wrap(module: nn.Module, grid: BlockGrid, config: SMTConfig) -> SparseBlockL
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | None = None) -> BlockBank:
+    """Re-create the bank a state dict was saved with (targets, block shapes, K), ready for ``load_state_dict``.
+
+    Raises:
+        ValueError: the state dict holds no smt bank, or its modules do not fit ``model``.
+    """
+    state = state_dict.get(f"{BANK_NAME}._extra_state")
+    if not isinstance(state, dict) or f"{BANK_NAME}.map" not in state_dict:
+        raise ValueError("this checkpoint holds no smt bank; was it trained with the SparseMatrixTuning callback?")
+    names = list(state["modules"])
+    targets = find_targets(model, "(?:" + "|".join(re.escape(n) for n in names) + ")")
+    missing = set(names) - set(targets)
+    if missing:
+        raise ValueError(f"checkpoint tunes {sorted(missing)[0]}, which this model does not have; use its base model")
+    grids = {}
+    for name, (bo, bi) in zip(names, state["block_shapes"]):
+        out_features, in_features, _, _ = linear_geometry(targets[name])
+        grids[name] = BlockGrid(out_features, in_features, bo, bi)
+    fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
+    fields["target_modules"] = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return inject(model, SMTConfig(**fields), capacity=state_dict[f"{BANK_NAME}.map"].shape[0], grids=grids)
 
 
 def get_bank(model: nn.Module) -> BlockBank | None:

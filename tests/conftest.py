@@ -4,12 +4,14 @@ import os
 import sys
 from pathlib import Path
 
-# Triton kernels run on CPU only in the interpreter, and it must be chosen before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).parent))
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton runs on CPU only in its interpreter, chosen before any kernel is defined; on a GPU machine the
+# real compiler must be used, or the GPU tests would silently test the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)

@@ -57,8 +57,8 @@ def backend_for(kernel: str, device: torch.device | str) -> SimpleNamespace:
             use_triton = False
         else:
             raise ValueError(
-                f"smt.kernel='triton' cannot run on {device.type} tensors here (needs CUDA and the triton package); "
-                "use kernel='auto' or 'torch'"
+                f"smt.kernel='triton' cannot run on {device.type} tensors here (needs CUDA and the triton package, "
+                "or TRITON_INTERPRET=1 set before triton is imported); use kernel='auto' or 'torch'"
             )
     return _backend(use_triton)
 

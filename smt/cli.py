@@ -1,0 +1,108 @@
+"""The ``smt`` command.
+
+- ``smt fit|validate|test|predict --config F [--smt.density 0.02 --trainer.max_steps 100 ...]``: LightningCLI
+  with ``SMTLanguageModel``, ``InstructionDataModule`` and the ``SparseMatrixTuning`` callback as the
+  top-level ``smt`` group (so ``--smt.*`` overrides work like ``--model.*``).
+- ``smt select --config F --out sel.safetensors``: the warm-up only; writes the selection and its heatmap.
+- ``smt export CKPT --delta out.safetensors [--merged DIR] [--dtype bfloat16]``: checkpoint → delta / merged model.
+- ``smt merge BASE DELTA... --out DIR [--weights W...]``: apply one or several deltas to a base model.
+
+Errors a person can fix (bad paths, fields, budgets) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import MethodType
+
+from lightning.pytorch.cli import LightningCLI, instantiate_class
+
+from smt.callbacks import SparseMatrixTuning
+from smt.data import InstructionDataModule
+from smt.module import SMTLanguageModel
+
+USAGE_ERRORS = (ValueError, FileNotFoundError)
+
+
+class SMTCLI(LightningCLI):
+    """LightningCLI with the SMT callback as a first-class ``smt`` argument group."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(SparseMatrixTuning, "smt")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.datamodule is not None and isinstance(self.model, SMTLanguageModel):
+            self.datamodule.set_tokenizer(self.model.tokenizer)
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Build ``--optimizer``/``--lr_scheduler`` when Lightning asks, not at parse time.
+
+        LightningCLI instantiates them over ``model.parameters()`` before the callback's ``setup`` adds the
+        bank, which would leave every trainable slot out of the optimizer.
+        """
+        super()._add_configure_optimizers_method_to_model(subcommand)
+        optimizer_config = self._get(self.config, "optimizer")
+        if not optimizer_config:
+            return
+        scheduler_config = self._get(self.config, "lr_scheduler")
+        cli = self
+
+        def configure_optimizers(model):
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = instantiate_class(params, optimizer_config)
+            scheduler = instantiate_class(optimizer, scheduler_config) if scheduler_config else None
+            return cli.configure_optimizers(model, optimizer, scheduler)
+
+        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+
+def run_lightning(args: list[str]) -> SMTCLI:
+    """``smt fit|validate|test|predict ...`` (LightningCLI)."""
+    return SMTCLI(
+        SMTLanguageModel,
+        InstructionDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def run_select(args: list[str]) -> None:
+    """``smt select --config F --out PATH [overrides]``: warm-up only, then write the selection."""
+    parser = argparse.ArgumentParser(prog="smt select", description="Run the warm-up only and save the selection.")
+    parser.add_argument("--out", required=True, help="selection file to write (.safetensors; a .png heatmap goes beside it)")
+    known, rest = parser.parse_known_args(args)
+    run_lightning(
+        ["fit", *rest, f"--smt.save_selection={known.out}", "--smt.stop_after_selection=true",
+         "--smt.selection_path=null", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+         "--model.delta_path=null", "--model.merged_dir=null"]
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``smt`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else "--help"
+    try:
+        if command == "select":
+            run_select(argv[1:])
+        elif command == "export":
+            from smt.export import run_export
+
+            run_export(argv[1:])
+        elif command == "merge":
+            from smt.export import run_merge
+
+            run_merge(argv[1:])
+        else:
+            run_lightning(argv)
+    except USAGE_ERRORS as err:
+        print(f"smt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

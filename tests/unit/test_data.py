@@ -354,3 +354,25 @@ def test_tokenizer_is_loaded_locally_or_explained(tmp_path):
     _tokenizer(with_pad=False).save_pretrained(tmp_path / "tok")
     loaded = InstructionDataModule(tokenizer=str(tmp_path / "tok")).tokenizer
     assert loaded.pad_token_id == loaded.eos_token_id == 3
+
+
+# ------------------------------------------------------------------------------------ real rows (optional)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_real_llm_adapters_and_gsm8k_files_load(tmp_path):
+    adapters = SHARED_DATA / "llm_adapters"
+    tests = [adapters / "ARC-Easy" / "test.json", adapters / "AQuA" / "test.json", SHARED_DATA / "gsm8k" / "test.jsonl"]
+    train = str(adapters / "boolq" / "train.json")
+    dm = _module(
+        tmp_path, train_path=train, test_paths=[str(p) for p in tests], limit_train=8, val_split=4, limit_test=3
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_dataset) == 8 and len(dm.val_dataset) == 4
+    assert all(labels[-1] == dm.tokenizer.eos_token_id for labels in dm.train_dataset["labels"])
+    references = dict(zip(dm.test_dataset["task"], dm.test_dataset["reference"], strict=True))
+    assert set(references) == {"ARC-Easy", "AQuA", "gsm8k"}
+    assert references["ARC-Easy"].startswith("answer") and references["AQuA"] in "ABCDE"
+    assert float(references["gsm8k"]) == int(references["gsm8k"])

@@ -479,6 +479,7 @@ class InstructionDataModule(LightningDataModule):
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         self._tokenizer: Any | None = None
         self._temporary_cache: str | None = None
+        self._fit_ready = False
         self.train_dataset: Any | None = None
         self.val_dataset: Any | None = None
         self.test_dataset: Any | None = None
@@ -491,6 +492,7 @@ class InstructionDataModule(LightningDataModule):
         """
         self._tokenizer = prepare_tokenizer(tokenizer)
         self.train_dataset = self.val_dataset = self.test_dataset = None  # re-tokenize with the new one
+        self._fit_ready = False
 
     @property
     def tokenizer(self) -> Any:
@@ -506,15 +508,28 @@ class InstructionDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize what ``stage`` needs: ``fit``/``validate`` train and val, ``test``/``predict`` prompts.
 
+        Without a tokenizer yet (no ``tokenizer`` name, none set), the work waits for the first dataloader:
+        Lightning runs this hook before the LightningModule's ``setup``, where the module may call
+        :meth:`set_tokenizer`.
+
         Args:
             stage: the Lightning stage; None prepares train/val and, when ``test_paths`` are set, test.
         """
-        if stage in (None, "fit", "validate") and self.train_dataset is None:
+        if self._tokenizer is None and self.tokenizer_name_or_path is None:
+            return
+        if stage in (None, "fit", "validate"):
+            self._ensure_fit()
+        if stage in ("test", "predict") or (stage is None and self.test_paths):
+            self._ensure_test()
+
+    def _ensure_fit(self) -> None:
+        if not self._fit_ready:
             self._setup_fit()
-        if (stage in ("test", "predict") or (stage is None and self.test_paths)) and self.test_dataset is None:
-            self.test_dataset = datasets.concatenate_datasets(
-                [self._prompts(*source) for source in self._test_sources()]
-            )
+            self._fit_ready = True
+
+    def _ensure_test(self) -> None:
+        if self.test_dataset is None:
+            self.test_dataset = datasets.concatenate_datasets([self._prompts(*src) for src in self._test_sources()])
 
     def _setup_fit(self) -> None:
         if self.train_path is None:
@@ -582,20 +597,23 @@ class InstructionDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches, reshuffled each epoch from ``seed``; see the module docstring for the keys."""
+        self._ensure_fit()
         generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(_required_stage(self.train_dataset, "fit"), self.batch_size, generator=generator)
+        return self._loader(self.train_dataset, self.batch_size, generator=generator)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or an empty list (Lightning then skips validation)."""
+        self._ensure_fit()
         return [] if self.val_dataset is None else self._loader(self.val_dataset, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """Left-padded prompts with ``prompt``, ``reference`` and ``task`` lists, in file order."""
-        return self._loader(_required_stage(self.test_dataset, "test"), self.eval_batch_size, prompts=True)
+        self._ensure_test()
+        return self._loader(self.test_dataset, self.eval_batch_size, prompts=True)
 
     def predict_dataloader(self) -> DataLoader:
         """The same batches as :meth:`test_dataloader`."""
-        return self._loader(_required_stage(self.test_dataset, "predict"), self.eval_batch_size, prompts=True)
+        return self.test_dataloader()
 
     def _loader(self, dataset: Any, batch_size: int, generator: Any = None, prompts: bool = False) -> DataLoader:
         pad_id = int(self.tokenizer.pad_token_id)
@@ -623,12 +641,6 @@ def _map(
         load_from_cache_file=False,
         desc=str(key[0]),
     )
-
-
-def _required_stage(dataset: Any, stage: str) -> Any:
-    if dataset is None:
-        raise RuntimeError(f"call InstructionDataModule.setup({stage!r}) before asking for its dataloader")
-    return dataset
 
 
 def _check_args(

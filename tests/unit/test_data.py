@@ -297,6 +297,16 @@ def test_test_data_falls_back_on_the_validation_split_and_limits(tmp_path):
     assert batch["task"] == ["boolq"] * 3 and all(ref in ("true", "false") for ref in batch["reference"])
 
 
+def test_without_a_tokenizer_setup_waits_for_set_tokenizer(tmp_path):
+    # Lightning runs the datamodule's setup before the LightningModule's, which may hand its tokenizer over.
+    train = _write_json(tmp_path / "boolq" / "train.json", BOOLQ_ROWS)
+    dm = InstructionDataModule(train_path=train, val_split=4, cache_dir=str(tmp_path / "cache"), batch_size=2)
+    dm.setup("fit")
+    assert dm.train_dataset is None
+    dm.set_tokenizer(_tokenizer())
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 2 and len(dm.val_dataset) == 4
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _one_line_error(match: str, build) -> str:
     with pytest.raises(ValueError, match=match) as caught:

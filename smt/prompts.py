@@ -32,10 +32,10 @@ API:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 TemplateName = Literal["alpaca", "smt", "gsm8k", "chat"]
-TEMPLATE_NAMES: tuple[str, ...] = ("alpaca", "smt", "gsm8k", "chat")
+TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
 
 _ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -7,8 +7,8 @@ Two ways to score a test example whose prompt comes from ``smt.prompts`` (the da
   ``judge(get_task(task), response, reference)`` extracts the answer (first label / last number /
   first letter) and compares it with the reference.
 * **Log-likelihood** (fast, no generation; only tasks with a label set, ``spec.supports_likelihood``):
-  ``predict_labels(model, tokenizer, spec, prompts)`` returns the most likely label per prompt (scored
-  as ``prompt + "the correct answer is" + " <label>"``); it is correct when it equals the reference.
+  ``predict_labels(model, tokenizer, spec, prompts)`` returns the most likely label per prompt (the
+  label scored after ``prompt + "the correct answer is "``); it is correct when it equals the reference.
   ``score_candidates`` scores arbitrary candidate strings.
 
 Collect outcomes in an ``AccuracyTracker`` and report with ``format_markdown_table`` and

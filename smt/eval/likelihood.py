@@ -11,13 +11,14 @@ with the largest sum (``normalize=True``: the largest mean; the first one on tie
 padding, and the soft-max is taken only at the candidate positions.
 
 The context and candidate are encoded separately (the candidate without special tokens), so every
-candidate is scored after exactly the same context tokens; put the separating space in the
-candidate (``" true"``) or at the end of the context, as the tokenizer expects.
+candidate is scored after exactly the same context tokens. Trailing spaces of the context move to the
+front of each candidate (as lm-evaluation-harness does): ``"… is " + "true"`` is scored as
+``"… is" + " true"``, the way a BPE tokenizer cuts the training text ``"… is true"``. Trailing newlines
+stay in the context, where the data module's prompts have them.
 
 API:
     ``predict_labels(model, tokenizer, spec, prompts, batch_size=16, normalize=False, ...) -> list[str]``
-        (a task's label for each prompt: context ``prompt + spec.likelihood_prefix``, candidates
-        ``" " + label``; the labels come back without the space)
+        (a task's label for each prompt: context ``prompt + spec.likelihood_prefix``, candidates the labels)
     ``score_candidates(model, tokenizer, prompt, candidates, batch_size=16, ...) -> CandidateScores``
     ``score_candidates_batch(model, tokenizer, prompts, candidates, batch_size=16, ...) -> list[CandidateScores]``
     ``CandidateScores``: ``sum_logprob``, ``num_tokens``, ``mean_logprob``, ``best(normalize)``, ``prediction``
@@ -105,12 +106,11 @@ def predict_labels(
     if not spec.supports_likelihood:
         raise ValueError(f"task {spec.name} has no label set to score by likelihood; evaluate it by generation")
     contexts = [prompt + spec.likelihood_prefix for prompt in prompts]
-    candidates = [" " + label for label in spec.labels]
     scores = score_candidates_batch(
         model,
         tokenizer,
         contexts,
-        candidates,
+        list(spec.labels),
         batch_size=batch_size,
         max_length=max_length,
         add_special_tokens=add_special_tokens,
@@ -230,9 +230,11 @@ def _build_rows(
     """Token rows ``context + candidate`` and the context length of each, prompt-major order."""
     rows = []
     for prompt, group in zip(prompts, per_prompt, strict=True):
-        context = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        stripped = prompt.rstrip(" ")
+        moved = prompt[len(stripped) :]  # trailing spaces belong to the candidate's first token
+        context = list(tokenizer(stripped, add_special_tokens=add_special_tokens)["input_ids"])
         for candidate in group:
-            target = list(tokenizer(candidate, add_special_tokens=False)["input_ids"])
+            target = list(tokenizer(moved + candidate, add_special_tokens=False)["input_ids"])
             if not target:
                 raise ValueError(f"candidate {candidate!r} encodes to no tokens; drop it or add text")
             rows.append(_fit(context, target, max_length, candidate))

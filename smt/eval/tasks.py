@@ -6,7 +6,7 @@ Every task of the LLM-Adapters suites has one answer type:
   is the first label of the task's set found in the lower-cased output (boolq ``true|false``, piqa
   ``solution1|solution2``, social_i_qa ``answer1..3``, ARC / openbookqa ``answer1..5``, winogrande
   ``option1|option2``, hellaswag ``ending1..4``). These also support likelihood scoring: the context is
-  ``prompt + likelihood_prefix`` and the candidates are ``" " + label``.
+  ``prompt + likelihood_prefix`` and the candidates are the labels.
 * ``number`` — math word problems (gsm8k, SVAMP, mawps, AddSub, MultiArith, SingleEq): the last number
   in the output, correct when ``|pred − label| ≤ 1e-3``.
 * ``letter`` — AQuA: the first letter A–E in the output.
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 AnswerKind = Literal["choice", "number", "letter"]
-COMMONSENSE_PREFIX = "the correct answer is"
-"""What LLM-Adapters commonsense responses say before the label (the label follows after one space)."""
+COMMONSENSE_PREFIX = "the correct answer is "
+"""What LLM-Adapters commonsense responses say before the label."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ class TaskSpec:
         labels: the label set for ``choice`` and ``letter`` tasks, in canonical (lower-case for
             ``choice``) spelling; empty for ``number`` tasks.
         likelihood_prefix: text after the prompt and before the label when scoring labels by
-            log-likelihood (the label is scored as ``" " + label``); None when the task has no closed
-            label set to score.
+            log-likelihood; None when the task has no closed label set to score.
     """
 
     name: str

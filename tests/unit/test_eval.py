@@ -197,7 +197,7 @@ def test_batched_scoring_over_prompts_equals_one_prompt_at_a_time():
 
 def test_predict_labels_scores_space_prefixed_labels_after_the_task_prefix():
     # ' ' encodes to id 0 here, so " a" after "…b" scores log p(0 | b) + log p(a | 0) = log .1 + log .5.
-    toy = TaskSpec("toy", "choice", ("c", "a", "b"), likelihood_prefix="b")
+    toy = TaskSpec("toy", "choice", ("c", "a", "b"), likelihood_prefix="b ")  # the space moves to the label
     assert predict_labels(TableModel(), CharTokenizer(), toy, ["a", "c"]) == ["a", "a"]
     with pytest.raises(ValueError, match="by generation"):
         predict_labels(TableModel(), CharTokenizer(), get_task("gsm8k"), ["a"])
@@ -224,6 +224,21 @@ def test_likelihood_on_a_real_causal_lm_is_independent_of_padding():
         positions = range(3, ids.shape[1])  # <s> a b | candidate
         by_hand = sum(log_probs[p - 1, ids[0, p]].item() for p in positions)
         assert batched.sum_logprob[index].item() == pytest.approx(by_hand, abs=1e-5)
+
+
+def test_trailing_spaces_of_the_context_move_to_the_candidate_but_newlines_stay():
+    class Recorder(CharTokenizer):
+        def __init__(self) -> None:
+            self.texts: list[str] = []
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            self.texts.append(text)
+            return super().__call__(text.replace("\n", "a"), add_special_tokens)
+
+    tokenizer = Recorder()
+    score_candidates(TableModel(), tokenizer, "ab  ", ["c"])
+    score_candidates(TableModel(), tokenizer, "ab\n", ["c"])
+    assert tokenizer.texts == ["ab", "  c", "ab\n", "c"]
 
 
 def test_likelihood_input_errors():

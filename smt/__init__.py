@@ -25,7 +25,20 @@ _EXPORTS = {
     "SparseMatrixTuning": "smt.callbacks",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BlockGrid",
+    "SMTConfig",
+    "Selection",
+    "SparseMatrixTuning",
+    "apply_selection",
+    "inject",
+    "load_delta",
+    "merge_delta",
+    "read_delta",
+    "save_delta",
+    "select_top_k",
+    "trainable_summary",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from smt.blocks import BlockGrid

@@ -94,7 +94,9 @@ class BlockBank(nn.Module):
             raise ValueError(f"selection names modules the model does not target: {sorted(unknown)[:3]}")
         total = sum(int(index.shape[0]) for index in blocks.values())
         if total != self.capacity:
-            raise ValueError(f"selection has {total} blocks but the bank holds {self.capacity}; re-inject with this budget")
+            raise ValueError(
+                f"selection has {total} blocks but the bank holds {self.capacity}; re-inject with this budget"
+            )
         rows = [
             torch.cat([torch.full((index.shape[0], 1), m), index.long().cpu()], dim=1)
             for m, name in enumerate(self.module_names)
@@ -169,4 +171,6 @@ class BlockBank(nn.Module):
         self._changed()  # the map buffer was loaded just before this
 
     def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, tile={self.tile_shape}, modules={len(self.module_names)}, tuning={self.tuning}"
+        return (
+            f"capacity={self.capacity}, tile={self.tile_shape}, modules={len(self.module_names)}, tuning={self.tuning}"
+        )

@@ -22,7 +22,9 @@ FULL = -1
 """A block-size entry that means "the whole dimension" (a strip)."""
 
 
-def resolve_block_size(block_size: int | tuple[int, int] | list[int], shape: tuple[int, int], name: str) -> tuple[int, int]:
+def resolve_block_size(
+    block_size: int | tuple[int, int] | list[int], shape: tuple[int, int], name: str
+) -> tuple[int, int]:
     """Turn a configured block size into concrete ``(bo, bi)`` for a weight of ``shape = (out, in)``.
 
     Args:
@@ -133,9 +135,13 @@ class BlockGrid:
     def check_index(self, index: torch.Tensor, name: str) -> None:
         """Raise ``ValueError`` unless ``index`` is a valid ``[k, 2]`` block list of this grid."""
         if index.dtype not in (torch.int32, torch.int64) or index.dim() != 2 or index.shape[1] != 2:
-            raise ValueError(f"{name}: block index must be an int tensor [k, 2], got {tuple(index.shape)} {index.dtype}")
+            raise ValueError(
+                f"{name}: block index must be an int tensor [k, 2], got {tuple(index.shape)} {index.dtype}"
+            )
         if index.numel() and (
-            int(index.min()) < 0 or int(index[:, 0].max()) >= self.n_row_blocks or int(index[:, 1].max()) >= self.n_col_blocks
+            int(index.min()) < 0
+            or int(index[:, 0].max()) >= self.n_row_blocks
+            or int(index[:, 1].max()) >= self.n_col_blocks
         ):
             raise ValueError(f"{name}: block index out of range for a {self.n_row_blocks}×{self.n_col_blocks} grid")
         if index.numel() and len({(int(r), int(c)) for r, c in index.tolist()}) != index.shape[0]:

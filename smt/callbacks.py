@@ -29,9 +29,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from smt.config import PoolConfig, SMTConfig
+from smt.config import PoolConfig, RegrowthConfig, SMTConfig
 from smt.model import (
     apply_selection,
+    current_selection,
     get_bank,
     inject,
     select_blocks,
@@ -39,6 +40,7 @@ from smt.model import (
     start_scoring,
     trainable_summary,
 )
+from smt.regrowth import Regrower
 from smt.scoring import CRITERIA
 from smt.selection import Selection
 
@@ -60,7 +62,8 @@ class SparseMatrixTuning(Callback):
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
-        criterion: block score (``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``, ``random``).
+        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``,
+            ``random`` (see ``smt.scoring``).
         accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
         forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
         kernel: ``auto``, ``torch`` or ``triton``.
@@ -72,6 +75,8 @@ class SparseMatrixTuning(Callback):
         submodule: attribute path of the network to tune inside the LightningModule (default: the module's
             ``smt_target()`` if it defines one, else the LightningModule itself).
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
+        regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
+        regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).
     """
 
     def __init__(
@@ -95,6 +100,8 @@ class SparseMatrixTuning(Callback):
         trainable_modules: str | None = None,
         submodule: str | None = None,
         stop_after_selection: bool = False,
+        regrowth: RegrowthConfig | None = None,
+        regrowth_heatmaps: str | None = None,
     ) -> None:
         self.config = SMTConfig(
             list(target_modules) if isinstance(target_modules, tuple) else target_modules,
@@ -109,6 +116,10 @@ class SparseMatrixTuning(Callback):
         self.selection_path, self.save_selection = selection_path, save_selection
         self.trainable_modules, self.submodule = trainable_modules, submodule
         self.stop_after_selection = stop_after_selection
+        self.regrowth_config, self.regrowth_heatmaps = regrowth, regrowth_heatmaps
+        self.regrower: Regrower | None = None
+        self.tuning_start = 0
+        self._pending_regrowth: dict | None = None
         self.phase = "setup"
         self.steps_scored = 0
         self.selection: Selection | None = None
@@ -168,7 +179,9 @@ class SparseMatrixTuning(Callback):
                 param.requires_grad_(True)
                 hits += 1
         if hits == 0:
-            raise ValueError(f"smt.trainable_modules={self.trainable_modules!r} matches no parameter; check the pattern")
+            raise ValueError(
+                f"smt.trainable_modules={self.trainable_modules!r} matches no parameter; check the pattern"
+            )
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -180,6 +193,15 @@ class SparseMatrixTuning(Callback):
             self._end_scoring(pl_module)
         if self.phase == "warmup" and self.config.warmup_steps == 0:  # gradient-free criterion: choose now
             self._select(trainer, pl_module)
+        if self.regrowth_config is not None and self.regrower is None:
+            self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
+            if self._pending_regrowth is not None:
+                self.regrower.load_state_dict(self._pending_regrowth, self.target(pl_module))
+                self._pending_regrowth = None
+
+    def _tuning_steps(self, trainer: Trainer) -> int:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        return max(1, int(total) - self.warmup_offset)
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -189,7 +211,16 @@ class SparseMatrixTuning(Callback):
                 scorer.loss_scale = scale
 
     @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        if self.phase == "tuning" and self.regrower is not None:
+            coming = trainer.global_step - self.tuning_start + 1
+            if self.regrower.in_window(coming):
+                self.regrower.open_window(self.target(pl_module))
+
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.phase == "tuning" and self.regrower is not None and self.regrower.scorers:
+            self.regrower.commit_step()
         if self.phase != "warmup":
             return
         _drop_gradients(optimizer, zero_instead=_uses_grad_scaler(trainer))
@@ -203,11 +234,32 @@ class SparseMatrixTuning(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         left = max(0, self.config.warmup_steps - self.steps_scored) if self.phase == "warmup" else 0
         pl_module.log("smt/warmup_left", float(left), prog_bar=True)
+        if self.phase == "tuning" and self.regrower is not None:
+            self._maybe_regrow(trainer, pl_module)
+
+    def _maybe_regrow(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After an optimizer step that ends a regrowth interval: prune and regrow (shapes unchanged)."""
+        step = trainer.global_step - self.tuning_start
+        if step == self.regrower.step:
+            return  # no optimizer step since the last call (gradient accumulation)
+        self.regrower.step = step
+        if not self.regrower.is_event(step):
+            return
+        network = self.target(pl_module)
+        report = self.regrower.event(network, trainer.optimizers, lambda t: _reduce_sum(trainer, t, pl_module))
+        dropped, grown = report["dropped_score"], report["grown_score"]
+        pl_module.log("smt/regrowth_swapped", float(report["swapped"]))
+        rank_zero_info(
+            f"smt: regrowth at tuning step {step}: swapped {report['swapped']} blocks (rate {report['rate']:.3f}); "
+            f"mean |Δ| dropped {_mean(dropped):.3g}, mean growth score of grown {_mean(grown):.3g}"
+        )
+        if self.regrowth_heatmaps and trainer.is_global_zero:
+            current_selection(network).heatmap(Path(self.regrowth_heatmaps) / f"selection_step{step:06d}.png")
 
     def _select(self, trainer: Trainer, pl_module: LightningModule, optimizer=None) -> None:
         network = self.target(pl_module)
         for scorer in self._scorers.values():
-            scorer.reduce_(lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum"))
+            scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
         model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
         selection = select_blocks(network, self.config, self._scorers, self.steps_scored, model_id)
         _check_same_on_every_rank(trainer, selection)
@@ -216,6 +268,7 @@ class SparseMatrixTuning(Callback):
             for opt in trainer.optimizers if optimizer is None else [optimizer]:
                 opt.state.pop(slot, None)
         self.selection, self.phase, self._scorers = selection, "tuning", {}
+        self.tuning_start = trainer.global_step + 1  # this step's optimizer step is still a warm-up one
         rank_zero_info(f"smt: selected {selection.summary()}")
         rank_zero_info(f"smt: {trainable_summary(network)}")
         trainer.should_stop = trainer.should_stop or self.stop_after_selection
@@ -237,11 +290,15 @@ class SparseMatrixTuning(Callback):
             "phase": self.phase,
             "steps_scored": self.steps_scored,
             "scorers": {name: s.state_dict() for name, s in self._scorers.items()},
+            "tuning_start": self.tuning_start,
+            "regrowth": None if self.regrower is None else self.regrower.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps_scored = int(state_dict["steps_scored"])
+        self.tuning_start = int(state_dict.get("tuning_start", 0))
+        self._pending_regrowth = state_dict.get("regrowth")
         if state_dict["phase"] == "warmup":
             if self._scorers:
                 self._load_scorers(state_dict)
@@ -253,6 +310,14 @@ class SparseMatrixTuning(Callback):
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
+
+
+def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
+    return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _load_selection(path: str) -> Selection:

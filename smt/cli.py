@@ -72,7 +72,9 @@ def run_lightning(args: list[str]) -> SMTCLI:
 def run_select(args: list[str]) -> None:
     """``smt select --config F --out PATH [overrides]``: warm-up only, then write the selection."""
     parser = argparse.ArgumentParser(prog="smt select", description="Run the warm-up only and save the selection.")
-    parser.add_argument("--out", required=True, help="selection file to write (.safetensors; a .png heatmap goes beside it)")
+    parser.add_argument(
+        "--out", required=True, help="selection file to write (.safetensors; a .png heatmap goes beside it)"
+    )
     known, rest = parser.parse_known_args(args)
     run_lightning(
         ["fit", *rest, f"--smt.save_selection={known.out}", "--smt.stop_after_selection=true",

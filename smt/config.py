@@ -64,7 +64,7 @@ class SMTConfig:
     choice: exact, keeps one fp32 accumulator the size of each weight), ``grad_l1`` (Σ|block gradient| per
     micro-batch, the memory-light upper bound of ``grad_abs_mean``), ``weight_abs_mean``, ``random``."""
     accumulator_device: str | None = None
-    """Where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` offloads them); None = the weight's device."""
+    """Where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` offloads them); None = with the weight."""
     forward: str = "auto"
     """How Δ enters the forward: ``materialize`` (W0+Δ in one dense GEMM), ``additive`` (base(x) + block
     matmul; quantized or sharded bases), ``auto`` (materialize for plain float weights, else additive)."""
@@ -120,3 +120,50 @@ def _check_budget(num_blocks: int | None, density: float | None, prefix: str, re
 def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
         raise ValueError(f"smt.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+REGROWTH_SCHEDULES = ("linear", "cosine", "constant")
+REGROWTH_CRITERIA = ("ag", "ma")
+PRUNE_CRITERIA = ("delta_norm", "delta_change")
+
+
+@dataclass
+class RegrowthConfig:
+    """SpIEL-style dynamic prune-and-regrow of blocks during tuning (shapes never change).
+
+    Every ``every`` optimizer steps, each module drops the fraction p(t) of its blocks with the lowest prune
+    score and grows as many unselected blocks with the highest growth score, scored over the last
+    ``accumulate`` steps. Grown blocks start at Δ = 0 with fresh optimizer state.
+    """
+
+    every: int = 20
+    """R: optimizer steps between events."""
+    accumulate: int = 5
+    """A: steps of block-gradient scoring before each event (≤ every). More = steadier, ~A/R extra backward cost."""
+    rate: float = 0.2
+    """Initial fraction of each module's blocks replaced per event."""
+    schedule: str = "linear"
+    """How the rate decays: ``linear`` (to 0 at ``until``), ``cosine``, ``constant``."""
+    until: int | None = None
+    """Last step with events (default: the run's last step, ``trainer.max_steps``)."""
+    criterion: str = "ag"
+    """Growth score: ``ag`` (fp32 squared block gradients summed over the window) or ``ma`` (their EMA)."""
+    ma_decay: float = 0.9
+    """EMA decay per scored step for ``ma``."""
+    prune: str = "delta_norm"
+    """Prune score: ``delta_norm`` (‖Δ_b‖ from the pretrained weight) or ``delta_change`` (how far Δ_b moved since the
+    previous event: blocks that stopped learning go first)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or not 1 <= self.accumulate <= self.every:
+            raise ValueError(
+                f"smt.regrowth: every={self.every}, accumulate={self.accumulate}; "
+                "need every ≥ 1 and 1 ≤ accumulate ≤ every"
+            )
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"smt.regrowth.rate={self.rate} must be in [0, 1]")
+        if not 0.0 <= self.ma_decay < 1.0:
+            raise ValueError(f"smt.regrowth.ma_decay={self.ma_decay} must be in [0, 1)")
+        _check_choice(self.schedule, REGROWTH_SCHEDULES, "regrowth.schedule")
+        _check_choice(self.criterion, REGROWTH_CRITERIA, "regrowth.criterion")
+        _check_choice(self.prune, PRUNE_CRITERIA, "regrowth.prune")

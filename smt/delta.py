@@ -57,7 +57,9 @@ def save_delta(
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "grids": json.dumps({n: [g.out_features, g.in_features, g.block_rows, g.block_cols] for n, g in selection.grids.items()}),
+        "grids": json.dumps(
+            {n: [g.out_features, g.in_features, g.block_rows, g.block_cols] for n, g in selection.grids.items()}
+        ),
         "base_model_id": base_model_id,
         "dtype": str(dtype).removeprefix("torch."),
         "provenance": json.dumps(bank.provenance, default=str),
@@ -103,7 +105,9 @@ def read_delta(path: str | Path) -> tuple[Selection, dict[str, torch.Tensor], di
 
 def _check_module(path, name, index, delta, grid: BlockGrid) -> None:
     if index is None or delta is None:
-        raise ValueError(f"delta file {path}: {name} has {'no index' if index is None else 'no delta'}; the file is incomplete")
+        raise ValueError(
+            f"delta file {path}: {name} has {'no index' if index is None else 'no delta'}; the file is incomplete"
+        )
     grid.check_index(index, f"delta file {path}: {name}")
     if tuple(delta.shape) != (index.shape[0], grid.block_rows, grid.block_cols):
         raise ValueError(

@@ -29,7 +29,9 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged or hostile files
-        raise ValueError(f"checkpoint {path} cannot be read safely ({type(err).__name__}); is it a Lightning .ckpt?") from err
+        raise ValueError(
+            f"checkpoint {path} cannot be read safely ({type(err).__name__}); is it a Lightning .ckpt?"
+        ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"checkpoint {path} has no state_dict; give a Lightning checkpoint (.ckpt)")
     return checkpoint
@@ -53,11 +55,15 @@ def model_from_checkpoint(path: str | Path):
 
 def run_export(args: list[str]) -> None:
     """``smt export CKPT --delta OUT [--merged DIR] [--dtype bfloat16]``."""
-    parser = argparse.ArgumentParser(prog="smt export", description="Write the delta file and/or merged model of a checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="smt export", description="Write the delta file and/or merged model of a checkpoint."
+    )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of `smt fit`")
     parser.add_argument("--delta", help="delta file to write (.safetensors)")
     parser.add_argument("--merged", help="folder for the merged transformers model (save_pretrained + tokenizer)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="delta storage dtype")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="delta storage dtype"
+    )
     options = parser.parse_args(args)
     if not options.delta and not options.merged:
         raise ValueError("smt export needs --delta OUT and/or --merged DIR")

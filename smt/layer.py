@@ -38,6 +38,7 @@ class _Step:
     ops: object
     scorer: BlockScorer | None
     transposed: bool
+    train: bool
     weight: torch.Tensor | None = None
 
 
@@ -125,10 +126,12 @@ def _saved(ctx):
 def _delta_grad(ctx, g, x2d, x_cols, delta, step: _Step):
     if step.scorer is not None:
         step.scorer.observe(g, x2d)
-        # Warm-up: the slots stay in the graph (DDP wants a gradient for each) but learn nothing.
-        return None if delta is None else torch.zeros_like(delta)
     if delta is None or not ctx.needs_input_grad[ctx.delta_input]:
         return None
+    if not step.train:  # warm-up: the slots stay in the graph (DDP wants a gradient for each) but learn nothing
+        return torch.zeros_like(delta)
+    if x_cols is None:  # scoring while tuning (regrowth windows) kept the whole input
+        x_cols = step.ops.gather_columns(x2d, step.plan)
     return step.ops.block_weight_grad(g, x_cols, step.plan).to(delta.dtype)
 
 
@@ -180,11 +183,11 @@ class SparseBlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bank = self._bank
-        scoring = self.scorer is not None and bank is not None and not bank.tuning
+        scoring = self.scorer is not None and bank is not None
         if self.merged or bank is None or (not scoring and not self.slot_ids()):
             return self.base(x)
         plan = self.plan()
-        step = _Step(plan, backend_for(self.kernel, x.device), self.scorer if scoring else None, self.transposed)
+        step = _Step(plan, backend_for(self.kernel, x.device), self.scorer, self.transposed, bank.tuning)
         delta = bank.stacked(self.slot_ids(), self.grid.tile_shape) if plan is not None else None
         anchor = _anchor(x) if scoring else None  # keeps the tap in the graph when nothing else needs grad
         if self.forward_mode == "materialize":
@@ -230,12 +233,15 @@ class SparseBlockLinear(nn.Module):
         self.base._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        self.base._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        self.base._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     def extra_repr(self) -> str:
         g = self.grid
         return (
-            f"{g.out_features}×{g.in_features}, blocks {g.block_rows}×{g.block_cols} ({g.n_row_blocks}×{g.n_col_blocks}), "
+            f"{g.out_features}×{g.in_features}, blocks {g.block_rows}×{g.block_cols} "
+            f"({g.n_row_blocks}×{g.n_col_blocks}), "
             f"selected={len(self.slot_ids())}, forward={self.forward_mode}, base={type(self.base).__name__}"
         )
 

@@ -62,7 +62,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str,
     for name, module in found.items():
         if linear_geometry(module) is None and not isinstance(module, SparseBlockLinear):
             raise ValueError(
-                f"smt.target_modules matches {name} ({type(module).__name__}), which is not a Linear layer; narrow the pattern"
+                f"smt.target_modules matches {name} ({type(module).__name__}), which is not a Linear layer; "
+                "narrow the pattern"
             )
     return found
 
@@ -116,7 +117,9 @@ def inject(
     k = capacity if capacity is not None else sum(p.k for p in plan_pools(config, grids))
     tile = (max(g.block_rows for g in grids.values()), max(g.block_cols for g in grids.values()))
     device = next(iter(targets.values())).weight.device
-    layers = {name: _wrap(module, grids[name], config) for name, module in targets.items()}  # may raise: nothing changed yet
+    layers = {
+        name: _wrap(module, grids[name], config) for name, module in targets.items()
+    }  # may raise: nothing changed yet
     shapes = [g.shape for g in grids.values()]
     blocks = [g.tile_shape for g in grids.values()]
     bank = BlockBank(list(grids), shapes, blocks, tile, k, DTYPES[config.delta_dtype], device)
@@ -278,9 +281,13 @@ def check_selection_fits(model: nn.Module, selection: Selection) -> None:
         raise ValueError("selection targets other modules than the model's bank; use the same smt.target_modules")
     for name, grid in selection.grids.items():
         module = modules.get(name)
-        geometry = None if module is None else (module.grid.out_features, module.grid.in_features) if isinstance(
-            module, SparseBlockLinear
-        ) else (linear_geometry(module) or (None, None))[:2]
+        geometry = (
+            None
+            if module is None
+            else (module.grid.out_features, module.grid.in_features)
+            if isinstance(module, SparseBlockLinear)
+            else (linear_geometry(module) or (None, None))[:2]
+        )
         if geometry != (grid.out_features, grid.in_features):
             raise ValueError(
                 f"selection/delta does not fit this model: {name} is "
@@ -297,8 +304,14 @@ def current_selection(model: nn.Module) -> Selection:
     bank = _require_bank(model)
     grids = {name: layer.grid for name, layer in sparse_layers(model).items()}
     provenance = bank.provenance
-    return Selection(bank.blocks(), grids, provenance.get("criterion", "manual"), provenance.get("budget", {}),
-                     provenance.get("warmup_steps", 0), provenance.get("model_id"))
+    return Selection(
+        bank.blocks(),
+        grids,
+        provenance.get("criterion", "manual"),
+        provenance.get("budget", {}),
+        provenance.get("warmup_steps", 0),
+        provenance.get("model_id"),
+    )
 
 
 # --- taking SMT out -----------------------------------------------------------------------------------
@@ -347,7 +360,9 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
-            by_type["smt slots" if owners.get(id(param)) == "ParameterList" else owners.get(id(param), "?")] += param.numel()
+            by_type["smt slots" if owners.get(id(param)) == "ParameterList" else owners.get(id(param), "?")] += (
+                param.numel()
+            )
     bank = get_bank(model)
     tuned = 0
     if bank is not None and bank.tuning:

@@ -60,7 +60,9 @@ def load_tokenizer_for(name_or_path: str | None, tokenizer: str | None):
 
         return ByT5Tokenizer()
     if source is None:
-        raise ValueError("model.tokenizer is unset and the model has no folder to load one from; use 'bytes' or a folder")
+        raise ValueError(
+            "model.tokenizer is unset and the model has no folder to load one from; use 'bytes' or a folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -174,7 +176,9 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import score_candidates_batch
 
         prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
-        scores = score_candidates_batch(self.model, self.tokenizer, prompts, [s.labels for s in specs], device=self.device)
+        scores = score_candidates_batch(
+            self.model, self.tokenizer, prompts, [s.labels for s in specs], device=self.device
+        )
         return [sc.prediction == ref.strip().lower() for sc, ref in zip(scores, batch["reference"])]
 
     def _generate(self, batch: dict) -> list[str]:
@@ -204,8 +208,9 @@ class SMTLanguageModel(LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter is frozen; check smt.target_modules/trainable_modules")
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                      betas=tuple(self.hparams.betas))
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
+        )
         offset = _smt_warmup_offset(self.trainer)
         total = max(1, int(self.trainer.estimated_stepping_batches) - offset)
         shape = warmup_cosine(total, self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio, self.hparams.scheduler)

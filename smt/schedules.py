@@ -21,8 +21,10 @@ def after_warmup(multiplier: Callable[[int], float], offset: int) -> Callable[[i
     return delayed
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, kind: str = "cosine") -> Callable[[int], float]:
-    """Linear LR warm-up to 1, then ``cosine``/``linear`` decay to ``min_ratio`` at ``total_steps`` (or ``constant``)."""
+def warmup_cosine(
+    total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0, kind: str = "cosine"
+) -> Callable[[int], float]:
+    """Linear LR warm-up to 1, then ``cosine``/``linear`` decay to ``min_ratio`` at ``total_steps``, or ``constant``."""
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"model.scheduler={kind!r} is not one of cosine, linear, constant")
 

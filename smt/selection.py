@@ -77,7 +77,9 @@ class Selection:
         digest = hashlib.sha256()
         for name in sorted(self.grids):
             grid = self.grids[name]
-            digest.update(f"{name}:{grid.out_features},{grid.in_features},{grid.block_rows},{grid.block_cols};".encode())
+            digest.update(
+                f"{name}:{grid.out_features},{grid.in_features},{grid.block_rows},{grid.block_cols};".encode()
+            )
             if name in self.blocks:
                 digest.update(self.blocks[name].to(torch.int64).numpy().tobytes())
         return digest.hexdigest()[:16]
@@ -123,9 +125,13 @@ class Selection:
             budget = json.loads(meta.get("budget", "{}"))
             warmup = int(meta.get("warmup_steps", "0"))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"selection file {path}: metadata is damaged ({err}); re-create it with `smt select`") from err
+            raise ValueError(
+                f"selection file {path}: metadata is damaged ({err}); re-create it with `smt select`"
+            ) from err
         blocks, scores = _split_tensors(tensors, grids, path)
-        return cls(blocks, grids, meta.get("criterion", ""), budget, warmup, meta.get("model_id") or None, scores or None)
+        return cls(
+            blocks, grids, meta.get("criterion", ""), budget, warmup, meta.get("model_id") or None, scores or None
+        )
 
     def heatmap(self, path: str | Path) -> Path:
         """Draw the selected blocks per layer as a PNG (one panel per module kind); returns the path."""
@@ -152,7 +158,9 @@ def _split_tensors(tensors: dict, grids: dict, path) -> tuple[dict, dict]:
         if name not in grids or kind not in ("smt_index", "smt_scores"):
             raise ValueError(f"selection file {path}: unexpected entry {key!r}; it was not written by smt")
         if kind == "smt_scores" and tuple(value.shape) != grids[name].shape:
-            raise ValueError(f"selection file {path}: scores of {name} have shape {tuple(value.shape)}, grid is {grids[name].shape}")
+            raise ValueError(
+                f"selection file {path}: scores of {name} have shape {tuple(value.shape)}, grid is {grids[name].shape}"
+            )
         (blocks if kind == "smt_index" else scores)[name] = value.long() if kind == "smt_index" else value
     return blocks, scores
 
@@ -276,6 +284,8 @@ def assign_pools(module_names: list[str], pool_patterns: dict[str, str]) -> dict
     for name in module_names:
         pool = next((p for p, pattern in pool_patterns.items() if re.search(pattern, name)), None)
         if pool is None:
-            raise ValueError(f"smt.pools: target module {name} matches no pool pattern; add a pool or narrow target_modules")
+            raise ValueError(
+                f"smt.pools: target module {name} matches no pool pattern; add a pool or narrow target_modules"
+            )
         members[pool].append(name)
     return members

@@ -70,7 +70,9 @@ def block_scores(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, reduction: 
     """
     g32, x32 = dy.float(), x.float()
     if reduction == "sum":
-        return _segment_sums(g32, grid.block_rows, grid.n_row_blocks).T @ _segment_sums(x32, grid.block_cols, grid.n_col_blocks)
+        return _segment_sums(g32, grid.block_rows, grid.n_row_blocks).T @ _segment_sums(
+            x32, grid.block_cols, grid.n_col_blocks
+        )
     out = torch.empty(grid.shape, dtype=torch.float32, device=dy.device)
     starts, step = _chunks(grid.n_row_blocks, grid.block_rows * grid.in_features * 4)
     for s in starts:

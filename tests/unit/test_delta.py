@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_gpt2, tiny_llama
 
-from smt import SMTConfig, Selection, apply_selection, load_delta, merge_delta, save_delta, trainable_summary
+from smt import Selection, SMTConfig, apply_selection, load_delta, merge_delta, save_delta, trainable_summary
 from smt.model import get_bank, inject, select_blocks, start_scoring
 
 
@@ -144,8 +144,8 @@ def test_delta_for_another_model_is_refused_without_changes(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "nan", "future", "shape"])
 def test_damaged_delta_files_are_refused(tmp_path, damage):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     _, model, _ = _tuned(tiny_llama, CONFIGS[0][1])
     path = save_delta(model, tmp_path / "d.safetensors")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from smt import SMTConfig, Selection, apply_selection
+from smt import Selection, SMTConfig, apply_selection
 from smt.blocks import BlockGrid
 from smt.model import get_bank, sparse_layers
 
@@ -73,8 +73,11 @@ def _dense_reference(model, selection, x, transposed=False):
 @pytest.mark.parametrize("mode", ["materialize", "additive"])
 @pytest.mark.parametrize("leading", [(7,), (2, 5)])
 def test_block_gradients_equal_dense_blocks(d_in, d_out, block, kind, mode, leading):
-    base = {"linear": lambda: nn.Linear(d_in, d_out), "linear_nobias": lambda: nn.Linear(d_in, d_out, bias=False),
-            "conv1d": lambda: _conv1d(d_in, d_out)}[kind]()
+    base = {
+        "linear": lambda: nn.Linear(d_in, d_out),
+        "linear_nobias": lambda: nn.Linear(d_in, d_out, bias=False),
+        "conv1d": lambda: _conv1d(d_in, d_out),
+    }[kind]()
     model = Holder(base)
     selection = _random_selection(d_out, d_in, block, k=3)
     apply_selection(model, selection, SMTConfig(forward=mode))
@@ -113,8 +116,9 @@ def test_weights_outside_blocks_stay_bit_identical_and_merge_is_exact(mode):
     model = TwoLayer(10, 14, 6)
     before = copy.deepcopy(model.state_dict())
     grid_up, grid_down = BlockGrid(14, 10, 4, 4), BlockGrid(6, 14, 4, 4)
-    selection = Selection({"up": torch.tensor([[0, 1], [3, 2]]), "down": torch.tensor([[1, 3]])},
-                          {"up": grid_up, "down": grid_down})
+    selection = Selection(
+        {"up": torch.tensor([[0, 1], [3, 2]]), "down": torch.tensor([[1, 3]])}, {"up": grid_up, "down": grid_down}
+    )
     apply_selection(model, selection, SMTConfig(forward=mode))
     _train(model, 5)
     after = model.state_dict()
@@ -164,8 +168,10 @@ def test_layer_without_blocks_saves_nothing():
     from helpers import TwoLayer
 
     model = TwoLayer(10, 14, 6)
-    apply_selection(model, Selection({"up": torch.tensor([[1, 1]])},
-                                     {"up": BlockGrid(14, 10, 4, 4), "down": BlockGrid(6, 14, 4, 4)}))
+    apply_selection(
+        model,
+        Selection({"up": torch.tensor([[1, 1]])}, {"up": BlockGrid(14, 10, 4, 4), "down": BlockGrid(6, 14, 4, 4)}),
+    )
     saved = []
 
     def pack(t):
@@ -186,8 +192,10 @@ def test_gradient_checkpointing_and_accumulation_match_plain_backward():
 
     torch.manual_seed(1)
     model = TwoLayer(10, 14, 6)
-    selection = Selection({"up": torch.tensor([[0, 1], [3, 2]]), "down": torch.tensor([[1, 3]])},
-                          {"up": BlockGrid(14, 10, 4, 4), "down": BlockGrid(6, 14, 4, 4)})
+    selection = Selection(
+        {"up": torch.tensor([[0, 1], [3, 2]]), "down": torch.tensor([[1, 3]])},
+        {"up": BlockGrid(14, 10, 4, 4), "down": BlockGrid(6, 14, 4, 4)},
+    )
     apply_selection(model, selection)
     _fill_random(model)
     x = torch.randn(8, 10)

@@ -57,7 +57,9 @@ def test_density_budget_counts_ragged_blocks_by_real_size():
 
 def test_pools_give_attention_and_mlp_their_own_budgets():
     grids = {"l.0.attn.q_proj": GRID, "l.0.attn.v_proj": GRID, "l.0.mlp.up_proj": GRID}
-    config = SMTConfig(pools={"attention": {"pattern": r"attn", "num_blocks": 2}, "mlp": {"pattern": r"mlp", "density": 0.25}})
+    config = SMTConfig(
+        pools={"attention": {"pattern": r"attn", "num_blocks": 2}, "mlp": {"pattern": r"mlp", "density": 0.25}}
+    )
     pools = plan_pools(config, grids)
     assert [(p.name, p.k, len(p.modules)) for p in pools] == [("attention", 2, 2), ("mlp", 4, 1)]
     scores = {n: torch.rand(4, 4) for n in grids}
@@ -75,10 +77,15 @@ def test_nonfinite_scores_never_select():
 
 
 def test_save_load_round_trip_and_heatmap(tmp_path):
-    grids = {"model.layers.0.self_attn.v_proj": GRID, "model.layers.1.self_attn.v_proj": GRID,
-             "model.layers.0.self_attn.q_proj": BlockGrid(8, 16, 4, 4)}
-    blocks = {"model.layers.0.self_attn.v_proj": torch.tensor([[3, 1], [0, 2]]),
-              "model.layers.0.self_attn.q_proj": torch.tensor([[1, 3]])}
+    grids = {
+        "model.layers.0.self_attn.v_proj": GRID,
+        "model.layers.1.self_attn.v_proj": GRID,
+        "model.layers.0.self_attn.q_proj": BlockGrid(8, 16, 4, 4),
+    }
+    blocks = {
+        "model.layers.0.self_attn.v_proj": torch.tensor([[3, 1], [0, 2]]),
+        "model.layers.0.self_attn.q_proj": torch.tensor([[1, 3]]),
+    }
     scores = {n: torch.rand(g.shape) for n, g in grids.items()}
     selection = Selection(blocks, grids, "grad_sq", {"density": 0.01}, 100, "tiny-llama", scores)
     path = selection.save(tmp_path / "sel.safetensors")

@@ -125,7 +125,7 @@ def _saved(ctx):
 
 def _delta_grad(ctx, g, x2d, x_cols, delta, step: _Step):
     if step.scorer is not None:
-        step.scorer.observe(g, x2d)
+        step.scorer.observe(g, x2d, step.ops)
     if delta is None or not ctx.needs_input_grad[ctx.delta_input]:
         return None
     if not step.train:  # warm-up: the slots stay in the graph (DDP wants a gradient for each) but learn nothing

@@ -114,7 +114,6 @@ class BlockScorer:
         self.criterion = CRITERIA[criterion]
         self.accumulator_device = accumulator_device
         self.loss_scale = 1.0
-        self.ops = reference
         self.total: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
         self.micro_batches = 0
@@ -128,8 +127,12 @@ class BlockScorer:
         per = self.grid.numel if self.criterion.reduction == "full" else self.grid.num_blocks
         return 2 * 4 * per
 
-    def observe(self, dy: torch.Tensor, x: torch.Tensor) -> None:
-        """Add one micro-batch: ``dy`` ``[T, out]`` and ``x`` ``[T, in]`` (2-D, any float dtype)."""
+    def observe(self, dy: torch.Tensor, x: torch.Tensor, ops=reference) -> None:
+        """Add one micro-batch: ``dy`` ``[T, out]`` and ``x`` ``[T, in]`` (2-D, any float dtype).
+
+        ``ops`` is the kernel backend of the calling layer (``smt.kernels.backend_for``): on CUDA the fused
+        Triton score kernel, which never writes a weight-sized gradient.
+        """
         if not self.criterion.needs_gradients:
             return
         reduction = self.criterion.reduction
@@ -138,7 +141,7 @@ class BlockScorer:
             g = dy.float() / scale if scale != 1.0 else dy.float()
             contribution = (g.T @ x.float()).to(self.accumulator_device or dy.device)
         else:
-            contribution = self.ops.block_scores(dy, x, self.grid, reduction)
+            contribution = ops.block_scores(dy, x, self.grid, reduction)
             if scale != 1.0:
                 contribution = contribution / (scale * scale if reduction == "sq" else scale)
         self.pending = contribution if self.pending is None else self.pending.add_(contribution)

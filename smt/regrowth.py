@@ -2,7 +2,9 @@
 
 Every ``R = every`` tuning steps (``t`` counts optimizer steps since selection), in each module:
 
-    n     = ⌊p(t) · k_module⌋,   p(t) = rate · (1 − t/T) (linear) | rate · ½(1 + cos πt/T) (cosine) | rate
+    n_m   = module m's share of round(p(t) · K), split in proportion to its k_m by largest remainder (at block
+            granularity a module holds few blocks, so ⌊p · k_m⌋ alone would round most events to nothing)
+    p(t)  = rate · (1 − t/T) (linear) | rate · ½(1 + cos πt/T) (cosine) | rate
     drop  = the n active blocks with the smallest prune score: ‖Δ_b‖ (``delta_norm``), or how far Δ_b moved since
             the previous event, ‖Δ_b − Δ_b(prev)‖ (``delta_change``; every block starts at Δ = 0, so change since
             growth would equal the norm)
@@ -38,6 +40,17 @@ def regrowth_rate(config: RegrowthConfig, step: int, total: int) -> float:
     if config.schedule == "cosine":
         return config.rate * 0.5 * (1 + math.cos(math.pi * progress))
     return config.rate * (1 - progress)
+
+
+def swap_counts(sizes: list[int], fraction: float) -> list[int]:
+    """Split ``round(fraction · Σ sizes)`` swaps over modules in proportion to ``sizes`` (largest remainder)."""
+    quotas = [fraction * size for size in sizes]
+    counts = [int(q) for q in quotas]
+    left = round(fraction * sum(sizes)) - sum(counts)
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: max(0, left)]:
+        counts[i] += 1
+    return [min(c, size) for c, size in zip(counts, sizes)]
 
 
 def plan_swaps(
@@ -126,13 +139,17 @@ class Regrower:
         fraction = regrowth_rate(self.config, self.step, self.total)
         growth = self._growth_scores(reduce)
         report = {"step": self.step, "rate": fraction, "swapped": 0, "dropped_score": [], "grown_score": []}
-        for position, (name, layer) in enumerate(sparse_layers(model).items()):
+        layers = sparse_layers(model)
+        counts = swap_counts(
+            [len(layer.slot_ids()) if name in growth else 0 for name, layer in layers.items()], fraction
+        )
+        for position, ((name, layer), count) in enumerate(zip(layers.items(), counts)):
             slots = layer.slot_ids()
-            if not slots or name not in growth:
+            if not slots or count == 0:
                 continue
             active = layer.plan().index.cpu()
             prune = self._prune_scores(bank, slots, layer.grid.tile_shape)
-            drop, grow = plan_swaps(active, prune, growth[name], int(fraction * len(slots)))
+            drop, grow = plan_swaps(active, prune, growth[name], count)
             if not drop:
                 continue
             moved = [slots[i] for i in drop]

@@ -85,7 +85,7 @@ def test_event_swaps_lowest_delta_resets_their_state_and_keeps_the_rest():
             bank.slots[slot].mul_(0).add_(scale)
     kept_state = {s: copy.deepcopy(optimizer.state[bank.slots[s]]) for s in up.slot_ids()}
     report = regrower.event(model, [optimizer], reduce=lambda t: t)
-    assert report["swapped"] == 2  # ⌊0.5 · 4⌋ in up, ⌊0.5 · 1⌋ = 0 in down
+    assert report["swapped"] == 2  # round(0.5 · 5) = 2 swaps: largest remainders go to up (2.0 vs 0.5)
     after = {tuple(b) for b in up.plan().index.tolist()}
     assert {(0, 0), (2, 2)} <= after and not {(1, 1), (3, 0)} & after
     assert len(after - {tuple(b) for b in before_index.tolist()}) == 2
@@ -136,3 +136,12 @@ def test_state_dict_round_trip_mid_window():
     assert set(restored.scorers) == set(regrower.scorers)
     assert all(torch.equal(restored.ema[n], regrower.ema[n]) for n in regrower.ema)
     assert all(layer.scorer is restored.scorers[name] for name, layer in sparse_layers(clone_model).items())
+
+
+def test_swap_counts_split_by_largest_remainder():
+    from smt.regrowth import swap_counts
+
+    assert swap_counts([3, 3, 0, 6], 0.16) == [1, 0, 0, 1]  # round(1.92) = 2: the largest remainders win
+    assert swap_counts([10, 10], 0.2) == [2, 2]
+    assert swap_counts([1, 1, 1], 1.0) == [1, 1, 1]
+    assert swap_counts([5], 0.0) == [0]

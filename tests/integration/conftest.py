@@ -20,9 +20,8 @@ def write_arithmetic_records(path: Path, count: int = 40, seed: int = 0) -> Path
     records = []
     for _ in range(count):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        records.append(
-            {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"The answer is {a + b}.", "answer": str(a + b)}
-        )
+        question, output = f"What is {a} plus {b}?", f"The answer is {a + b}."
+        records.append({"instruction": question, "input": "", "output": output, "answer": str(a + b)})
     path.write_text(json.dumps(records))
     return path
 

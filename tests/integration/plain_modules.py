@@ -142,8 +142,9 @@ def selected_mask(layer, blocks: torch.Tensor) -> torch.Tensor:
     """Boolean mask, in the layer's stored weight layout, of the elements under ``blocks`` ``[k, 2]``."""
     grid = layer.grid
     mask = torch.zeros(grid.out_features, grid.in_features, dtype=torch.bool)
+    rows, cols = grid.block_rows, grid.block_cols
     for row, col in blocks.tolist():
-        mask[row * grid.block_rows : (row + 1) * grid.block_rows, col * grid.block_cols : (col + 1) * grid.block_cols] = True
+        mask[row * rows : (row + 1) * rows, col * cols : (col + 1) * cols] = True
     return mask.t() if layer.transposed else mask
 
 
@@ -175,3 +176,14 @@ def assert_only_selected_blocks_changed(
         assert torch.equal(weight[~mask], base[~mask]), f"{name}: a weight outside the selected blocks changed"
         changed_somewhere |= not torch.equal(weight[mask], base[mask])
     assert changed_somewhere, "no selected block was trained"
+
+
+class StopAfterSteps(Callback):
+    """Asks the trainer to stop after ``steps`` optimizer steps (as an early-stopping rule or a time limit would)."""
+
+    def __init__(self, steps: int = 1) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

@@ -22,6 +22,7 @@ def write_arithmetic_records(path: Path, count: int = 40, seed: int = 0) -> Path
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         question, output = f"What is {a} plus {b}?", f"The answer is {a + b}."
         records.append({"instruction": question, "input": "", "output": output, "answer": str(a + b)})
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
     return path
 

@@ -6,6 +6,7 @@ checkpoint, delta file, selection and heatmap, the CSV log. ``smt select``, ``sm
 """
 
 import csv
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,17 @@ def debug_args(train_file: Path, *overrides: str) -> list[str]:
 
 def smt_callback(cli) -> SparseMatrixTuning:
     return next(cb for cb in cli.trainer.callbacks if isinstance(cb, SparseMatrixTuning))
+
+
+def write_boolq_records(path: Path) -> Path:
+    """Four BoolQ-style test records: scored by likelihood over true/false, no generation."""
+    rows = [
+        {"instruction": f"Is {n} even? Answer format: true/false", "input": "", "output": "", "answer": str(n % 2 == 0)}
+        for n in range(4)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
 
 
 def blocks_of(selection: Selection) -> dict[str, list]:
@@ -142,6 +154,33 @@ def test_export_writes_a_delta_and_a_merged_model_plain_transformers_loads(debug
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         assert torch.equal(merged(input_ids=ids).logits, tuned(input_ids=ids).logits)
+
+
+def test_test_with_ckpt_path_evaluates_the_tuned_blocks(debug_fit, train_file, tmp_path):
+    test_file = write_boolq_records(tmp_path / "boolq" / "test.json")  # the task comes from the folder name
+    checkpoint = debug_fit.checkpoints[0]
+    args = [f"--data.test_paths=[{test_file}]", f"--ckpt_path={checkpoint}"]
+    cli = run_lightning(["test", *debug_args(train_file, *args)])
+    bank = get_bank(cli.model.model)
+    assert bank.tuning
+    saved = load_checkpoint(checkpoint)["state_dict"]
+    assert all(torch.equal(slot, saved[f"model.smt_bank.slots.{i}"]) for i, slot in enumerate(bank.slots))
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/acc_boolq"]) <= 1.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="LightningCLI._parse_ckpt_path re-parses every model hyper-parameter from the checkpoint over the "
+    "command line, so `smt test --ckpt_path C --model.results_path R` (or --model.eval_mode/max_new_tokens) "
+    "is silently ignored; smt/cli.py SMTCLI should re-apply the user's --model.* values after it",
+)
+def test_test_with_ckpt_path_keeps_model_overrides(debug_fit, train_file, tmp_path):
+    test_file = write_boolq_records(tmp_path / "boolq" / "test.json")
+    checkpoint = debug_fit.checkpoints[0]
+    args = [f"--data.test_paths=[{test_file}]", "--model.results_path=results.json", f"--ckpt_path={checkpoint}"]
+    run_lightning(["test", *debug_args(train_file, *args)])
+    assert Path("results.json").is_file()
 
 
 def test_optimizer_from_the_command_line_holds_the_bank_slots(train_file):

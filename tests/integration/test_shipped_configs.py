@@ -1,0 +1,113 @@
+"""Every shipped YAML parses with the CLI's own parser, and the real-use configs hold what their comments say.
+
+``smt fit --config F --print_config`` parses and type-checks ``F`` with ``SMTCLI``'s parser and prints the
+result without instantiating anything, so configs naming 8B models that are not here still parse. The
+callback and data module are then built from the printed sections (cheap, no model). The real-use
+budgets are checked on the real architectures, built on the ``meta`` device (shapes only, no memory).
+"""
+
+import pytest
+import torch
+import yaml
+from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
+
+from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
+from smt.cli import main
+from smt.data import InstructionDataModule
+from smt.export import load_checkpoint
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SMT_BUDGET = 0.0084  # SMT: blocks = 0.84 % of all 2-D weight elements of the model / 256²
+ARCHITECTURES = {
+    "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "vocab_size": 128256},
+    "llama2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "vocab_size": 32000},
+}  # fmt: skip
+REAL_USE = {
+    "llama3-8b-commonsense.yaml": "llama3-8b",
+    "llama3-8b-commonsense-v-only.yaml": "llama3-8b",
+    "llama3-8b-math10k.yaml": "llama3-8b",
+    "llama2-7b-commonsense.yaml": "llama2-7b",
+}
+
+
+def printed_config(path, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def assert_given_values_kept(written, printed, where: str = "") -> None:
+    """Every value written in the file comes out of the parser unchanged (defaults may be added around it)."""
+    if isinstance(written, dict):
+        assert isinstance(printed, dict), where
+        for key, value in written.items():
+            assert key in printed, f"{where}{key} was dropped by the parser"
+            assert_given_values_kept(value, printed[key], f"{where}{key}.")
+    elif isinstance(written, list) and written and isinstance(written[0], dict):
+        assert len(written) == len(printed), where
+        for index, (item, parsed) in enumerate(zip(written, printed)):
+            assert_given_values_kept(item, parsed, f"{where}{index}.")
+    else:
+        assert written == printed, f"{where}: {written!r} in the file, {printed!r} after parsing"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_opens_with_its_launch_command(path, capsys):
+    header = "".join(line for line in path.read_text().splitlines(keepends=True)[:8] if line.startswith("#"))
+    assert f"--config configs/{path.name}" in header, "the header must show the command that runs this file"
+    printed = printed_config(path, capsys)
+    assert_given_values_kept(yaml.safe_load(path.read_text()), printed)
+    SparseMatrixTuning(**printed["smt"])  # budget, criterion, block size and the rest validate without a model
+    InstructionDataModule(**printed["data"])
+
+
+def test_every_real_use_config_is_checked_here():
+    shipped = {p.name for p in CONFIGS} - {"debug.yaml", "quickstart.yaml"}
+    assert shipped == set(REAL_USE)
+
+
+def meta_llama(architecture: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=32, **ARCHITECTURES[architecture])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", REAL_USE)
+def test_real_use_budget_is_smts_on_the_real_architecture(name, capsys):
+    smt = printed_config(REPO / "configs" / name, capsys)["smt"]
+    model = meta_llama(REAL_USE[name])
+    two_d_weights = sum(p.numel() for p in model.parameters() if p.ndim == 2)
+    assert smt["num_blocks"] == int(SMT_BUDGET * two_d_weights / 256**2)
+    assert smt["block_size"] == 256 and smt["warmup_steps"] == 100
+    fields = {k: smt[k] for k in ("target_modules", "block_size", "num_blocks", "warmup_steps", "criterion")}
+    bank = inject(model, SMTConfig(**fields))  # the budget fits the targeted modules of this architecture
+    assert bank.capacity == smt["num_blocks"]
+    assert trainable_summary(model).percent == pytest.approx(100 * SMT_BUDGET, abs=0.005)
+
+
+def test_real_use_numerics_run_on_the_debug_model(tmp_path):
+    """bf16 base weights, bf16-mixed, fp32 slots, checkpointing, clipping and SMT's criterion, on a tiny model."""
+    real = yaml.safe_load((REPO / "configs" / "llama3-8b-commonsense.yaml").read_text())
+    overrides = [
+        f"--trainer.precision={real['trainer']['precision']}",
+        f"--trainer.gradient_clip_val={real['trainer']['gradient_clip_val']}",
+        f"--model.dtype={real['model']['dtype']}",
+        f"--model.gradient_checkpointing={str(real['model']['gradient_checkpointing']).lower()}",
+        f"--model.scheduler={real['model']['scheduler']}",
+        f"--smt.criterion={real['smt']['criterion']}",
+        "--trainer.max_steps=4",
+        "--trainer.limit_val_batches=0",
+    ]
+    train = write_arithmetic_records(tmp_path / "train.json")
+    assert main(["fit", "--config", str(DEBUG_CONFIG), "--data.train_path", str(train), *overrides]) == 0
+    (checkpoint_path,) = tmp_path.rglob("*.ckpt")
+    state = load_checkpoint(checkpoint_path)["state_dict"]
+    assert state["model.model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # base in bf16
+    slots = [v for k, v in state.items() if k.startswith("model.smt_bank.slots.")]
+    assert slots and all(s.dtype == torch.float32 for s in slots) and any(s.any() for s in slots)  # fp32 Δ, trained
+    assert (tmp_path / "runs" / "debug" / "delta.safetensors").is_file()

@@ -5,7 +5,9 @@ own; ``--trainer.callbacks+=callbacks/smt.yaml`` must append SMT to it, and the 
 (``--trainer.callbacks.<arg>``) must reach the appended callback.
 """
 
+import pytest
 import torch
+import yaml
 from conftest import REPO
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -80,3 +82,14 @@ def test_fragment_with_equals_replaces_the_apps_callbacks(tmp_path):
     cli = LightningCLI(ForeignRegressor, args=args, run=False)
     kinds = [type(cb) for cb in cli.trainer.callbacks]
     assert SparseMatrixTuning in kinds and StopAfterSteps not in kinds
+
+
+@pytest.mark.parametrize("fragment", sorted((REPO / "callbacks").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_fragment_parses_and_builds_its_callback(fragment, tmp_path):
+    written = yaml.safe_load(fragment.read_text())
+    assert "--trainer.callbacks+=callbacks/" + fragment.name in fragment.read_text()  # the header shows the command
+    args = ["--config", write_app_config(tmp_path), f"--trainer.callbacks+={fragment}"]
+    cli = LightningCLI(ForeignRegressor, args=args, run=False)
+    module, _, name = written["class_path"].rpartition(".")
+    built = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == name and type(cb).__module__.startswith(module)]
+    assert len(built) == 1 and StopAfterSteps in [type(cb) for cb in cli.trainer.callbacks]

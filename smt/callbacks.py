@@ -159,6 +159,7 @@ class SparseMatrixTuning(Callback):
         self._unfreeze_trainable(pl_module)
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
+            self._check_warmup_fits(trainer)
             self._scorers = start_scoring(network, self.config)
             self.phase = "warmup"
             if self._pending_state is not None:
@@ -166,6 +167,17 @@ class SparseMatrixTuning(Callback):
         else:
             self.phase = "tuning" if bank.tuning else "warmup"
         rank_zero_info(f"smt: {trainable_summary(network)}")
+
+    def _check_warmup_fits(self, trainer: Trainer) -> None:
+        """Refuse a warm-up that would use up the whole run (it would end with nothing tuned)."""
+        if self.steps_scored or self._pending_state is not None:
+            return  # resuming: the run's length was checked when it started
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and self.config.warmup_steps >= total:
+            raise ValueError(
+                f"smt.warmup_steps={self.config.warmup_steps} is not shorter than the run ({int(total)} optimizer "
+                "steps); lower smt.warmup_steps or train longer (trainer.max_steps / max_epochs)"
+            )
 
     def _unfreeze_trainable(self, pl_module: LightningModule) -> None:
         if not self.trainable_modules:

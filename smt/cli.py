@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from types import MethodType
 
 from lightning.pytorch.cli import LightningCLI, instantiate_class
@@ -30,6 +31,15 @@ class SMTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SparseMatrixTuning, "smt")
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line's ``--model.*`` values under ``--ckpt_path``.
+
+        LightningCLI re-parses the checkpoint's hyper-parameters over the parsed config, which silently drops
+        test-time choices (``--model.results_path``, ``eval_mode``, ``max_new_tokens``). The config given here
+        already names the model; the checkpoint then loads its weights strictly, so a mismatch is an error,
+        never a silent override.
+        """
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -60,6 +70,9 @@ class SMTCLI(LightningCLI):
 
 def run_lightning(args: list[str]) -> SMTCLI:
     """``smt fit|validate|test|predict ...`` (LightningCLI)."""
+    # Handing LightningCLI the console's own argv (after routing select/export/merge) is this script's job,
+    # not a mistake LightningCLI needs to warn about.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return SMTCLI(
         SMTLanguageModel,
         InstructionDataModule,

@@ -469,7 +469,9 @@ class InstructionDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _check_args(template, max_length, batch_size, test_paths, test_tasks, val_path, val_split)
-        self.save_hyperparameters()
+        # The tokenizer is the LightningModule's (set_tokenizer); logging it here too would clash with the
+        # model's `tokenizer` hyper-parameter in Lightning's merged hparams.
+        self.save_hyperparameters(ignore=["tokenizer"])
         self.train_path, self.val_path, self.val_split = train_path, val_path, val_split
         self.test_paths, self.test_tasks = list(test_paths or []), list(test_tasks or [])
         self.tokenizer_name_or_path, self.template, self.max_length = tokenizer, template, max_length

@@ -220,7 +220,11 @@ class SMTLanguageModel(LightningModule):
     # --- outputs --------------------------------------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero or get_bank(self.model) is None:
+        bank = get_bank(self.model)
+        if not self.trainer.is_global_zero or bank is None:
+            return
+        if not bank.tuning:
+            rank_zero_info("smt: fit ended inside the warm-up (no selection yet): no delta or merged model written")
             return
         if self.hparams.delta_path:
             from smt.delta import save_delta

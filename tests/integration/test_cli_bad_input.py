@@ -81,13 +81,6 @@ def test_bad_input_is_one_line_error_and_writes_nothing(case, tmp_path, train_fi
     assert files_under(tmp_path) == inputs  # no checkpoint, delta, selection, heatmap or config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="smt/callbacks.py SparseMatrixTuning.setup does not compare warmup_steps with the run's optimizer steps "
-    "(trainer.estimated_stepping_batches): the run ends inside the warm-up with exit 0, no selection, and "
-    "SMTLanguageModel.on_fit_end writes a delta of the provisional map (Δ = 0) plus a checkpoint",
-)
 def test_warmup_longer_than_the_run_is_refused_at_setup(tmp_path, train_file, capsys):
     # 32 training records, batch 4: one epoch has 8 optimizer steps, the warm-up asks for 100.
     args = fit_args(train_file, "--smt.warmup_steps=100", "--trainer.max_steps=-1", "--trainer.max_epochs=1")
@@ -96,12 +89,6 @@ def test_warmup_longer_than_the_run_is_refused_at_setup(tmp_path, train_file, ca
     assert files_under(tmp_path) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="smt/module.py SMTLanguageModel.on_fit_end saves the delta whenever a bank exists, also when fit stopped "
-    "inside the warm-up (bank.tuning is False): the file holds the provisional map with Δ = 0",
-)
 def test_fit_stopped_inside_the_warmup_writes_no_delta(train_file):
     stop = "--trainer.callbacks+=plain_modules.StopAfterSteps"  # stops after 1 optimizer step; the warm-up has 3
     assert main(fit_args(train_file, stop, "--trainer.enable_checkpointing=false")) == 0
@@ -124,11 +111,5 @@ def test_console_script_exits_2_with_one_error_line(console_run):
     assert console_run.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="smt/cli.py main passes sys.argv[1:] to LightningCLI as `args`, so every console run warns "
-    '"LightningCLI\'s args parameter is intended to run from within Python ..." on stderr',
-)
 def test_console_script_prints_no_lightning_args_warning(console_run):
     assert "args parameter is intended" not in console_run.stderr

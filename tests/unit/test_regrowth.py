@@ -145,3 +145,28 @@ def test_swap_counts_split_by_largest_remainder():
     assert swap_counts([10, 10], 0.2) == [2, 2]
     assert swap_counts([1, 1, 1], 1.0) == [1, 1, 1]
     assert swap_counts([5], 0.0) == [0]
+
+
+def test_event_resets_bitsandbytes_8bit_optimizer_state():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = TwoLayer(128, 128, 64)
+    grids = {"up": BlockGrid(128, 128, 64, 64), "down": BlockGrid(64, 128, 64, 64)}  # 4096-weight blocks: 8-bit state
+    apply_selection(model, Selection({"up": torch.tensor([[0, 0], [1, 1]]), "down": torch.tensor([[0, 1]])}, grids))
+    optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    regrower = Regrower(RegrowthConfig(every=1, accumulate=1, rate=1.0, schedule="constant"), total_steps=10)
+    regrower.open_window(model)
+    optimizer.zero_grad()
+    model(torch.randn(6, 128)).square().mean().backward()
+    regrower.commit_step()
+    optimizer.step()
+    bank = get_bank(model)
+    assert all(bank.slots[s] in optimizer.state and "state1" in optimizer.state[bank.slots[s]] for s in range(3))
+    regrower.step = 1
+    report = regrower.event(model, [optimizer], reduce=lambda t: t)
+    assert report["swapped"] == 3
+    assert all(bank.slots[s] not in optimizer.state for s in range(3))
+    optimizer.zero_grad()
+    model(torch.randn(6, 128)).square().mean().backward()
+    optimizer.step()  # fresh 8-bit state is created for the grown slots
+    assert all(optimizer.state[bank.slots[s]]["state1"].dtype == torch.uint8 for s in range(3))

@@ -49,7 +49,8 @@ def model_from_checkpoint(path: str | Path):
     state = checkpoint["state_dict"]
     inner = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     inject_from_state(module.model, inner)
-    module.load_state_dict(state, strict=True)
+    module.on_load_checkpoint(checkpoint)  # a slim checkpoint gets the frozen base back from `model`
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
     return module
 
 

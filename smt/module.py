@@ -90,6 +90,9 @@ class SMTLanguageModel(LightningModule):
         results_path: JSON file for ``test`` results (per-task accuracy).
         delta_path: write the delta file here at the end of fit (bf16).
         merged_dir: write the merged model (``save_pretrained`` + tokenizer) here at the end of fit.
+        slim_checkpoints: checkpoints keep only trainable parameters and the SMT bank; the frozen base is reloaded
+            from ``model`` on resume (an 8B model's checkpoint shrinks from ~16 GB to the tuned blocks). Only when
+            the base comes from ``model``: a random ``model_config`` base is always saved whole.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class SMTLanguageModel(LightningModule):
         results_path: str | None = None,
         delta_path: str | None = None,
         merged_dir: str | None = None,
+        slim_checkpoints: bool = True,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -216,6 +220,20 @@ class SMTLanguageModel(LightningModule):
         shape = warmup_cosine(total, self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio, self.hparams.scheduler)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, after_warmup(shape, offset))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not (self.hparams.slim_checkpoints and self.hparams.model):
+            return
+        frozen = {f"model.{k}" for k, p in self.model.named_parameters() if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["smt_slim"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put the frozen base weights back into a slim checkpoint, so the load stays strict."""
+        if checkpoint.get("smt_slim"):
+            checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
     # --- outputs --------------------------------------------------------------------------------------
 

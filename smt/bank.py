@@ -44,8 +44,9 @@ class BlockBank(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if capacity < 1:
-            raise ValueError(f"smt: the bank needs at least one slot, got capacity={capacity}")
+        available = sum(rows * cols for rows, cols in grid_shapes)
+        if not 1 <= capacity <= available:
+            raise ValueError(f"smt: a bank of {capacity} slots does not fit the {available} blocks of its modules")
         self.module_names = list(module_names)
         self.grid_shapes = [tuple(shape) for shape in grid_shapes]
         self.block_shapes = [tuple(shape) for shape in block_shapes]
@@ -109,7 +110,10 @@ class BlockBank(nn.Module):
         self._changed()
 
     def move_slots(self, slot_ids: list[int], module: int, index: torch.Tensor) -> None:
-        """Re-point ``slot_ids`` of one module at blocks ``index`` ``[n, 2]`` and zero their Δ (regrowth)."""
+        """Re-point ``slot_ids`` of one module at blocks ``index`` ``[n, 2]`` and zero their Δ (regrowth).
+
+        Layers must not be merged meanwhile (``unmerge`` restores the blocks it merged, not the new ones).
+        """
         with torch.no_grad():
             ids = torch.tensor(slot_ids, device=self.map.device)
             self.map[ids, 0] = module
@@ -161,7 +165,12 @@ class BlockBank(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         if state.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError("smt bank state comes from a newer smt version; upgrade smt")
-        if list(state["modules"]) != self.module_names or tuple(state["tile_shape"]) != self.tile_shape:
+        shapes = [tuple(shape) for shape in state.get("block_shapes", self.block_shapes)]
+        if (
+            list(state["modules"]) != self.module_names
+            or tuple(state["tile_shape"]) != self.tile_shape
+            or (shapes != self.block_shapes)
+        ):
             raise ValueError(
                 "smt bank state was saved for other target modules or block size; "
                 "use the same smt.target_modules and smt.block_size as the run that saved it"

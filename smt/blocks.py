@@ -231,13 +231,19 @@ _REDUCTIONS = {
 class BlockPlan:
     """Coordinates a layer needs on every step for one fixed selection, computed once when it changes.
 
+    Only the grid's last row and column of blocks can be ragged, so full blocks are addressed by
+    per-block row/column vectors (``k·(bo + bi)`` integers, not one per weight) and the few ragged ones
+    by slices.
+
     Attributes:
         grid: the weight's grid.
         index: ``[k, 2]`` int64 selected blocks, on the compute device.
         col_blocks: distinct selected column blocks, ascending (the saved-input layout).
         col_slot: ``[k]`` position of each block's column block in ``col_blocks``.
-        weight_flat: flat positions in a contiguous ``[out, in]`` weight covered by the selection.
-        tile_flat: matching flat positions in the ``[k, bo, bi]`` tile stack.
+        full: positions (in ``index``) of the full-size blocks.
+        full_rows: ``[len(full), bo]`` weight rows of each full block.
+        full_cols: ``[len(full), bi]`` weight columns of each full block.
+        ragged: ``(position, row0, row1, col0, col1)`` of each ragged block.
         saved_columns: number of distinct input columns the selection reads (what backward keeps).
     """
 
@@ -245,21 +251,28 @@ class BlockPlan:
     index: torch.Tensor
     col_blocks: torch.Tensor
     col_slot: torch.Tensor
-    weight_flat: torch.Tensor
-    tile_flat: torch.Tensor
+    full: torch.Tensor
+    full_rows: torch.Tensor
+    full_cols: torch.Tensor
+    ragged: tuple[tuple[int, int, int, int, int], ...]
     saved_columns: int
 
     @classmethod
     def build(cls, grid: BlockGrid, index: torch.Tensor) -> BlockPlan:
         index = index.long()
         col_blocks, col_slot = torch.unique(index[:, 1], sorted=True, return_inverse=True)
-        rows, _ = grid.tile_rows(index[:, 0])
-        cols, _ = grid.tile_cols(index[:, 1])
-        mask = grid.tile_mask(index)
-        weight_flat = (rows[:, :, None] * grid.in_features + cols[:, None, :])[mask]
-        tile_flat = torch.arange(mask.numel(), device=index.device).view(mask.shape)[mask]
+        full, ragged = [], []
+        for position, (row_block, col_block) in enumerate(index.tolist()):
+            (r0, r1), (c0, c1) = grid.row_range(row_block), grid.col_range(col_block)
+            if (r1 - r0, c1 - c0) == grid.tile_shape:
+                full.append(position)
+            else:
+                ragged.append((position, r0, r1, c0, c1))
+        full_ids = torch.tensor(full, dtype=torch.int64, device=index.device)
+        rows, _ = grid.tile_rows(index[full_ids, 0])
+        cols, _ = grid.tile_cols(index[full_ids, 1])
         saved = sum(grid.col_range(c)[1] - grid.col_range(c)[0] for c in col_blocks.tolist())
-        return cls(grid, index, col_blocks, col_slot, weight_flat, tile_flat, saved)
+        return cls(grid, index, col_blocks, col_slot, full_ids, rows, cols, tuple(ragged), saved)
 
     @property
     def k(self) -> int:

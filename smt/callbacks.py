@@ -120,6 +120,8 @@ class SparseMatrixTuning(Callback):
         self.regrower: Regrower | None = None
         self.tuning_start = 0
         self._pending_regrowth: dict | None = None
+        self._batch_key: tuple[int, int] | None = None
+        self._last_counted: tuple[int, int] | None = None
         self.phase = "setup"
         self.steps_scored = 0
         self.selection: Selection | None = None
@@ -224,6 +226,7 @@ class SparseMatrixTuning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self._batch_key = (trainer.current_epoch, batch_idx)
         if self.phase == "tuning" and self.regrower is not None:
             coming = trainer.global_step - self.tuning_start + 1
             if self.regrower.in_window(coming):
@@ -231,14 +234,19 @@ class SparseMatrixTuning(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self._batch_key == self._last_counted:
+            return  # a second optimizer on the same batch: this step is already counted
+        self._last_counted = self._batch_key
         if self.phase == "tuning" and self.regrower is not None and self.regrower.scorers:
-            self.regrower.commit_step()
+            self.regrower.commit_step(_finite_everywhere(trainer, self.regrower.scorers.values(), pl_module))
         if self.phase != "warmup":
             return
-        _drop_gradients(optimizer, zero_instead=_uses_grad_scaler(trainer))
-        finite = [scorer.commit() for scorer in self._scorers.values()]
-        if all(finite):
-            self.steps_scored += 1
+        # Lightning unscaled (and recorded GradScaler's inf check) before this hook, so None is safe under fp16.
+        _drop_gradients(optimizer)
+        accept = _finite_everywhere(trainer, self._scorers.values(), pl_module)
+        for scorer in self._scorers.values():
+            scorer.commit(accept)
+        self.steps_scored += int(accept)
         if self.steps_scored >= self.config.warmup_steps:
             self._select(trainer, pl_module, optimizer)
 
@@ -363,19 +371,17 @@ def _run_after_configure_model(pl_module: LightningModule, then) -> None:
     pl_module.configure_model = configure_model
 
 
-def _drop_gradients(optimizer, zero_instead: bool) -> None:
-    """Remove every gradient before the optimizer step (or zero it, where a GradScaler needs one to step)."""
+def _drop_gradients(optimizer) -> None:
+    """Remove every gradient before the optimizer step: no update, no optimizer state."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if param.grad is not None:
-                if zero_instead:
-                    param.grad.zero_()
-                else:
-                    param.grad = None
+            param.grad = None
 
 
-def _uses_grad_scaler(trainer: Trainer) -> bool:
-    return getattr(trainer.precision_plugin, "scaler", None) is not None
+def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) -> bool:
+    """One decision per optimizer step, the same for every module and every rank: were all taps finite?"""
+    bad = torch.tensor(float(not all(s.pending_finite() for s in scorers)), device=pl_module.device)
+    return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0
 
 
 def _loss_scale(trainer: Trainer) -> float:

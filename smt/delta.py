@@ -42,7 +42,10 @@ def save_delta(
     Returns:
         The path written.
     """
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"save_delta dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     selection = current_selection(model)
     bank = get_bank(model)
     tensors = {}

@@ -62,9 +62,10 @@ class _MaterializedLinear(torch.autograd.Function):
         dtype = _compute_dtype(x, weight.dtype)
         w0 = _logical(weight, step.transposed)
         w_eff = step.ops.materialize(w0, delta, step.plan) if step.plan is not None else w0
+        x_c = x.to(dtype)  # under autocast the saved columns are kept in the compute dtype, as autocast would
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x.to(dtype), w_eff.to(dtype), None if bias is None else bias.to(dtype))
-        _save(ctx, x, delta, step)
+            y = F.linear(x_c, w_eff.to(dtype), None if bias is None else bias.to(dtype))
+        _save(ctx, x_c, delta, step)
         ctx.dtype, ctx.bias_shape, ctx.delta_input = dtype, None if bias is None else bias.shape, 3
         step.weight = w0
         return y
@@ -91,7 +92,7 @@ class _AdditiveDelta(torch.autograd.Function):
         if step.plan is not None:
             y2d = y.view(-1, y.shape[-1])
             step.ops.block_delta_matmul(x.reshape(-1, x.shape[-1]), delta, step.plan, y2d)
-        _save(ctx, x, delta, step)
+        _save(ctx, x.to(_compute_dtype(x, x.dtype)), delta, step)
         ctx.delta_input = 2
         return y
 
@@ -128,8 +129,9 @@ def _delta_grad(ctx, g, x2d, x_cols, delta, step: _Step):
         step.scorer.observe(g, x2d, step.ops)
     if delta is None or not ctx.needs_input_grad[ctx.delta_input]:
         return None
-    if not step.train:  # warm-up: the slots stay in the graph (DDP wants a gradient for each) but learn nothing
-        return torch.zeros_like(delta)
+    if not step.train:  # warm-up: the slots stay in the graph (DDP wants a gradient for each) but learn nothing;
+        # 0·Σg carries an overflow into the slot gradient (no host sync), so fp16's GradScaler still backs off.
+        return torch.zeros_like(delta) + (g.float().sum() * 0).to(delta.dtype)
     if x_cols is None:  # scoring while tuning (regrowth windows) kept the whole input
         x_cols = step.ops.gather_columns(x2d, step.plan)
     return step.ops.block_weight_grad(g, x_cols, step.plan).to(delta.dtype)
@@ -160,6 +162,7 @@ class SparseBlockLinear(nn.Module):
         self._plan_key: tuple | None = None
         self._plan: BlockPlan | None = None
         self._merged_tiles: torch.Tensor | None = None
+        self._merged_index: torch.Tensor | None = None
 
     def attach(self, bank, module_index: int) -> None:
         """Connect to the bank (not registered as a child: the bank is registered once, at the root)."""
@@ -187,12 +190,30 @@ class SparseBlockLinear(nn.Module):
         if self.merged or bank is None or (not scoring and not self.slot_ids()):
             return self.base(x)
         plan = self.plan()
-        step = _Step(plan, backend_for(self.kernel, x.device), self.scorer, self.transposed, bank.tuning)
+        ops = backend_for(self.kernel, x.device)
         delta = bank.stacked(self.slot_ids(), self.grid.tile_shape) if plan is not None else None
+        if not scoring and not torch.is_grad_enabled():  # eval/generate: no weight copy, nothing saved
+            return self._forward_no_grad(x, delta, plan, ops)
+        step = _Step(plan, ops, self.scorer, self.transposed, bank.tuning)
         anchor = _anchor(x) if scoring else None  # keeps the tap in the graph when nothing else needs grad
         if self.forward_mode == "materialize":
             return _MaterializedLinear.apply(x, self.weight, self.bias, delta, anchor, step)
         return _AdditiveDelta.apply(self.base(x), x, delta, anchor, step)
+
+    def _forward_no_grad(self, x: torch.Tensor, delta: torch.Tensor, plan: BlockPlan, ops) -> torch.Tensor:
+        """The training forward's math without autograd or saved columns (bit-equal to the merged model).
+
+        For many calls on fixed Δ (generation), ``smt.model.merged(model)`` avoids the per-call weight copy.
+        """
+        if self.forward_mode == "additive":
+            y = self.base(x)
+            ops.block_delta_matmul(x.reshape(-1, x.shape[-1]), delta, plan, y.view(-1, y.shape[-1]))
+            return y
+        dtype = _compute_dtype(x, self.weight.dtype)
+        w_eff = ops.materialize(_logical(self.weight, self.transposed), delta, plan)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), w_eff.to(dtype), bias)
 
     # --- merge / unmerge / delta ------------------------------------------------------------------
 
@@ -213,7 +234,7 @@ class SparseBlockLinear(nn.Module):
             _require_float_weight(self)
             w = _logical(self.weight, self.transposed)
             index = self.plan().index
-            self._merged_tiles = self.grid.gather(w, index).clone()
+            self._merged_tiles, self._merged_index = self.grid.gather(w, index).clone(), index.clone()
             delta = self._bank.stacked(self.slot_ids(), self.grid.tile_shape).detach().float()
             self.grid.scatter_(w, index, self._merged_tiles.float() + delta)
         self.merged = True
@@ -223,9 +244,9 @@ class SparseBlockLinear(nn.Module):
         """Restore the original weight bit for bit."""
         if not self.merged:
             return
-        if self._merged_tiles is not None:
-            self.grid.scatter_(_logical(self.weight, self.transposed), self.plan().index, self._merged_tiles)
-        self._merged_tiles, self.merged = None, False
+        if self._merged_tiles is not None:  # the blocks merged then, even if the bank moved since
+            self.grid.scatter_(_logical(self.weight, self.transposed), self._merged_index, self._merged_tiles)
+        self._merged_tiles, self._merged_index, self.merged = None, None, False
 
     # --- state dict: exactly the base module's keys ---------------------------------------------------
 

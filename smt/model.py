@@ -59,13 +59,27 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str,
             f"smt.target_modules={target_modules!r} matches no module of {type(model).__name__}; "
             f"Linear layers are named like {examples}"
         )
+    shared = _shared_weights(model)
     for name, module in found.items():
+        if id(getattr(module, "weight", None)) in shared:
+            raise ValueError(
+                f"smt.target_modules matches {name}, whose weight is tied to {shared[id(module.weight)]}; "
+                "merging Δ would change both: leave it out of the targets"
+            )
         if linear_geometry(module) is None and not isinstance(module, SparseBlockLinear):
             raise ValueError(
                 f"smt.target_modules matches {name} ({type(module).__name__}), which is not a Linear layer; "
                 "narrow the pattern"
             )
     return found
+
+
+def _shared_weights(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) → names`` of parameters that appear under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {key: " and ".join(found) for key, found in names.items() if len(found) > 1}
 
 
 def module_grids(targets: dict[str, nn.Module], block_size) -> dict[str, BlockGrid]:
@@ -281,6 +295,11 @@ def check_selection_fits(model: nn.Module, selection: Selection) -> None:
         raise ValueError("selection targets other modules than the model's bank; use the same smt.target_modules")
     for name, grid in selection.grids.items():
         module = modules.get(name)
+        if isinstance(module, SparseBlockLinear) and module.grid.tile_shape != grid.tile_shape:
+            raise ValueError(
+                f"selection/delta uses {grid.block_rows}×{grid.block_cols} blocks for {name} but the model's bank "
+                f"uses {module.grid.block_rows}×{module.grid.block_cols}; use the same smt.block_size or a fresh model"
+            )
         geometry = (
             None
             if module is None

@@ -9,6 +9,7 @@ transformers model inside, so delta files carry the model's own module names.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +167,20 @@ class SMTLanguageModel(LightningModule):
         self._test_tracker = AccuracyTracker()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        from smt.eval import get_task, judge
+        from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        if self.hparams.eval_mode == "likelihood" and all(s.supports_likelihood for s in specs):
-            correct = self._likelihood_correct(batch, specs)
-        else:
-            outputs = self._generate(batch)
-            correct = [judge(s, o, r).correct for s, o, r in zip(specs, outputs, batch["reference"])]
+        with merged(self.model) if get_bank(self.model) is not None else nullcontext():  # exact, no per-call copy
+            correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
+
+    def _judge_batch(self, batch: dict, specs: list) -> list[bool]:
+        from smt.eval import judge
+
+        if self.hparams.eval_mode == "likelihood" and all(s.supports_likelihood for s in specs):
+            return self._likelihood_correct(batch, specs)
+        outputs = self._generate(batch)
+        return [judge(s, o, r).correct for s, o, r in zip(specs, outputs, batch["reference"])]
 
     def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import score_candidates_batch

@@ -116,10 +116,10 @@ class Regrower:
             self.scorers[name] = BlockScorer(layer.grid, "grad_sq", name)
             layer.scorer = self.scorers[name]
 
-    def commit_step(self) -> None:
-        """Close one optimizer step of the window (non-finite steps are discarded by the scorers)."""
+    def commit_step(self, accept: bool | None = None) -> None:
+        """Close one optimizer step of the window; ``accept=False`` discards it (a non-finite step somewhere)."""
         for name, scorer in self.scorers.items():
-            if scorer.commit() and self.config.criterion == "ma" and scorer.total is not None:
+            if scorer.commit(accept) and self.config.criterion == "ma" and scorer.total is not None:
                 previous = self.ema.get(name)
                 current = scorer.total.float().cpu()
                 decay = self.config.ma_decay

@@ -147,12 +147,23 @@ class BlockScorer:
         self.pending = contribution if self.pending is None else self.pending.add_(contribution)
         self.micro_batches += 1
 
-    def commit(self) -> bool:
-        """Close one optimizer step: add its micro-batches if finite, else discard them. Returns finiteness."""
+    def pending_finite(self) -> bool:
+        """Whether the micro-batches observed since the last ``commit`` are all finite (one host sync)."""
+        return self.pending is None or bool(torch.isfinite(self.pending).all())
+
+    def commit(self, accept: bool | None = None) -> bool:
+        """Close one optimizer step: add its micro-batches, or discard them. Returns whether they were added.
+
+        Args:
+            accept: the caller's decision for this step (the callback decides once for every module and rank,
+                so all scorers count the same steps); None decides from this scorer's own finiteness.
+        """
+        if accept is None:
+            accept = self.pending_finite()
         pending, self.pending = self.pending, None
         if pending is None:
-            return True
-        if not bool(torch.isfinite(pending).all()):
+            return accept
+        if not accept:
             self.skipped_steps += 1
             return False
         self.total = pending if self.total is None else self.total.add_(pending.to(self.total.device))
@@ -163,8 +174,10 @@ class BlockScorer:
         """Sum the accumulated state across ranks with ``all_reduce`` (in place), so every rank selects alike."""
         if self.criterion.needs_gradients:
             if self.total is None:
-                self.total = torch.zeros(self._state_shape(), dtype=torch.float32)
-            self.total = all_reduce(self.total)
+                device = self.accumulator_device or "cpu"
+                self.total = torch.zeros(self._state_shape(), dtype=torch.float32, device=device)
+            home = self.total.device  # an offloaded accumulator goes back home: only one is on the GPU at a time
+            self.total = all_reduce(self.total).to(home)
 
     def scores(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Final ``[n_rb, n_cb]`` fp32 scores (``weight`` is the logical ``[out, in]`` weight, for weight criteria).
@@ -179,6 +192,11 @@ class BlockScorer:
             raise ValueError(
                 f"{self.name}: no finite warm-up gradient was scored (criterion {self.criterion.name}); "
                 "check the loss, or raise smt.warmup_steps"
+            )
+        if self.criterion.name == "weight_abs_mean" and weight is None:
+            raise ValueError(
+                f"{self.name}: criterion weight_abs_mean needs a float weight, but this base is quantized; "
+                "use a gradient criterion such as grad_sq"
             )
         scores = self.criterion.finalize(self.total, self.grid, weight).float().cpu()
         if not bool(torch.isfinite(scores).all()):

@@ -126,6 +126,10 @@ def materialize(weight: torch.Tensor, delta: torch.Tensor, plan: BlockPlan) -> t
     The sum is formed in fp32 and rounded once, so a bf16 base gets ``round(W0 + Δ)``.
     """
     result = weight.clone(memory_format=torch.contiguous_format)
-    flat = result.view(-1)
-    flat[plan.weight_flat] = (flat[plan.weight_flat].float() + delta.reshape(-1)[plan.tile_flat].float()).to(flat.dtype)
+    if plan.full.numel():
+        rows, cols = plan.full_rows[:, :, None], plan.full_cols[:, None, :]
+        result[rows, cols] = (result[rows, cols].float() + delta[plan.full].float()).to(result.dtype)
+    for position, r0, r1, c0, c1 in plan.ragged:
+        tile = result[r0:r1, c0:c1]
+        tile.copy_(tile.float() + delta[position, : r1 - r0, : c1 - c0].float())
     return result

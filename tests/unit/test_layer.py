@@ -51,6 +51,8 @@ def _fill_random(model):
     with torch.no_grad():
         for layer in sparse_layers(model).values():
             ids = layer.slot_ids()
+            if not ids:
+                continue
             mask = layer.grid.tile_mask(layer.plan().index)
             for slot, m in zip(ids, mask):
                 bank.slots[slot].copy_(torch.randn_like(bank.slots[slot]) * m)
@@ -230,3 +232,18 @@ def test_bf16_model_with_fp32_slots():
     model(x).float().sum().backward()
     slot = get_bank(model).slots[0]
     assert slot.dtype == torch.float32 and slot.grad.dtype == torch.float32 and slot.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["materialize", "additive"])
+def test_no_grad_forward_matches_training_forward(mode):
+    from helpers import TwoLayer
+
+    model = TwoLayer(10, 14, 6)
+    apply_selection(model, Selection({"up": torch.tensor([[0, 1], [3, 2]])},
+                                     {"up": BlockGrid(14, 10, 4, 4), "down": BlockGrid(6, 14, 4, 4)}),
+                    SMTConfig(forward=mode))  # fmt: skip
+    _fill_random(model)
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.allclose(fast, model(x), rtol=1e-5, atol=1e-6)

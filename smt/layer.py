@@ -61,7 +61,7 @@ class _MaterializedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, delta, anchor, step: _Step):
         dtype = _compute_dtype(x, weight.dtype)
         w0 = _logical(weight, step.transposed)
-        w_eff = step.ops.materialize(w0, delta, step.plan) if step.plan is not None else w0
+        w_eff = _effective_weight(w0, delta, step)
         x_c = x.to(dtype)  # under autocast the saved columns are kept in the compute dtype, as autocast would
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x_c, w_eff.to(dtype), None if bias is None else bias.to(dtype))
@@ -77,7 +77,7 @@ class _MaterializedLinear(torch.autograd.Function):
         g = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
-            w_eff = step.ops.materialize(step.weight, delta, step.plan) if step.plan is not None else step.weight
+            w_eff = _effective_weight(step.weight, delta, step)
             dx = (g.to(ctx.dtype) @ w_eff.to(ctx.dtype)).view(*ctx.x_shape)
         dbias = g.sum(0).view(ctx.bias_shape) if ctx.needs_input_grad[2] else None
         return dx, None, dbias, _delta_grad(ctx, g, x2d, x_cols, delta, step), None, None
@@ -89,7 +89,7 @@ class _AdditiveDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_base, x, delta, anchor, step: _Step):
         y = y_base.clone()
-        if step.plan is not None:
+        if step.plan is not None and step.train:  # in the warm-up Δ ≡ 0: nothing to add
             y2d = y.view(-1, y.shape[-1])
             step.ops.block_delta_matmul(x.reshape(-1, x.shape[-1]), delta, step.plan, y2d)
         _save(ctx, x.to(_compute_dtype(x, x.dtype)), delta, step)
@@ -102,10 +102,17 @@ class _AdditiveDelta(torch.autograd.Function):
         x2d, x_cols, delta = _saved(ctx)
         g = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = None
-        if ctx.needs_input_grad[1] and step.plan is not None:
+        if ctx.needs_input_grad[1] and step.plan is not None and step.train:
             dx2d = torch.zeros(g.shape[0], ctx.x_shape[-1], dtype=g.dtype, device=g.device)
             dx = step.ops.block_delta_matmul_t(g, delta, step.plan, dx2d).view(*ctx.x_shape)
         return dy, dx, _delta_grad(ctx, g, x2d, x_cols, delta, step), None, None
+
+
+def _effective_weight(w0: torch.Tensor, delta: torch.Tensor | None, step: _Step) -> torch.Tensor:
+    """``W0 + scatter(Δ)``; just ``W0`` while Δ ≡ 0 (the warm-up) or nothing is selected."""
+    if step.plan is None or not step.train:
+        return w0
+    return step.ops.materialize(w0, delta, step.plan)
 
 
 def _save(ctx, x: torch.Tensor, delta: torch.Tensor, step: _Step) -> None:

@@ -91,32 +91,27 @@ def _segment_sums(m: torch.Tensor, size: int, count: int) -> torch.Tensor:
 
 def block_delta_matmul(x: torch.Tensor, delta: torch.Tensor, plan: BlockPlan, out: torch.Tensor) -> torch.Tensor:
     """``out[:, rows_b] += x[:, cols_b] · Δ_bᵀ`` for every block, in place on ``out`` ``[T, out_features]``."""
-    grid, index = plan.grid, plan.index
-    rows, row_valid = grid.tile_rows(index[:, 0])
-    cols, col_valid = grid.tile_cols(index[:, 1])
-    tokens, (bo, bi) = x.shape[0], grid.tile_shape
-    starts, step = _chunks(index.shape[0], tokens * (bo + bi) * 4)
-    for s in starts:
-        e = min(s + step, index.shape[0])
-        xs = (x[:, cols[s:e]] * col_valid[s:e]).to(delta.dtype).permute(1, 0, 2)  # [kc, T, bi]
-        part = torch.bmm(xs, delta[s:e].transpose(1, 2)) * row_valid[s:e, None, :]  # [kc, T, bo]
-        flat_rows = rows[s:e].reshape(-1)
-        out.index_add_(1, flat_rows, part.permute(1, 0, 2).reshape(tokens, -1).to(out.dtype))
-    return out
+    rows, row_valid = plan.grid.tile_rows(plan.index[:, 0])
+    cols, col_valid = plan.grid.tile_cols(plan.index[:, 1])
+    return _block_matmul_into(x, cols, col_valid, delta.transpose(1, 2), rows, row_valid, out)
 
 
 def block_delta_matmul_t(dy: torch.Tensor, delta: torch.Tensor, plan: BlockPlan, out: torch.Tensor) -> torch.Tensor:
     """``out[:, cols_b] += g[:, rows_b] · Δ_b`` for every block, in place on ``out`` ``[T, in_features]``."""
-    grid, index = plan.grid, plan.index
-    rows, row_valid = grid.tile_rows(index[:, 0])
-    cols, col_valid = grid.tile_cols(index[:, 1])
-    tokens, (bo, bi) = dy.shape[0], grid.tile_shape
-    starts, step = _chunks(index.shape[0], tokens * (bo + bi) * 4)
+    rows, row_valid = plan.grid.tile_rows(plan.index[:, 0])
+    cols, col_valid = plan.grid.tile_cols(plan.index[:, 1])
+    return _block_matmul_into(dy, rows, row_valid, delta, cols, col_valid, out)
+
+
+def _block_matmul_into(src, src_index, src_valid, delta, out_index, out_valid, out: torch.Tensor) -> torch.Tensor:
+    """``out[:, out_index_b] += src[:, src_index_b] · delta_b`` (``delta`` oriented ``[k, src, out]``), in chunks."""
+    tokens = src.shape[0]
+    starts, step = _chunks(delta.shape[0], tokens * (src_index.shape[1] + out_index.shape[1]) * 4)
     for s in starts:
-        e = min(s + step, index.shape[0])
-        gs = (dy[:, rows[s:e]] * row_valid[s:e]).to(delta.dtype).permute(1, 0, 2)  # [kc, T, bo]
-        part = torch.bmm(gs, delta[s:e]) * col_valid[s:e, None, :]  # [kc, T, bi]
-        out.index_add_(1, cols[s:e].reshape(-1), part.permute(1, 0, 2).reshape(tokens, -1).to(out.dtype))
+        e = min(s + step, delta.shape[0])
+        gathered = (src[:, src_index[s:e]] * src_valid[s:e]).to(delta.dtype).permute(1, 0, 2)  # [kc, T, src]
+        part = torch.bmm(gathered, delta[s:e]) * out_valid[s:e, None, :]  # [kc, T, out]
+        out.index_add_(1, out_index[s:e].reshape(-1), part.permute(1, 0, 2).reshape(tokens, -1).to(out.dtype))
     return out
 
 

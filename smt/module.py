@@ -125,6 +125,7 @@ class SMTLanguageModel(LightningModule):
         warmup_cosine(1, 0, 0.0, scheduler)  # validates the name now, not at the first step
         self.save_hyperparameters()
         self.model = load_causal_lm(model, model_config, dtype, attn_implementation)
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps it: dropout would be off
         self.tokenizer = load_tokenizer_for(model, tokenizer)
         if model_config is not None and len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
@@ -149,6 +150,11 @@ class SMTLanguageModel(LightningModule):
         loss = self(**_model_inputs(batch)).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # A validate() before fit() leaves the metric's state as inference tensors, which fit's
+        # validation could not update in place: start every epoch from fresh state.
+        self.val_perplexity.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(**_model_inputs(batch))
@@ -184,11 +190,14 @@ class SMTLanguageModel(LightningModule):
 
     def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import score_candidates_batch
+        from smt.prompts import adds_special_tokens
 
         prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
+        template = getattr(self.trainer.datamodule, "template", "alpaca")  # chat prompts already hold their BOS
         scores = score_candidates_batch(
-            self.model, self.tokenizer, prompts, [s.labels for s in specs], device=self.device
-        )
+            self.model, self.tokenizer, prompts, [s.labels for s in specs], device=self.device,
+            add_special_tokens=adds_special_tokens(template),
+        )  # fmt: skip
         return [sc.prediction == ref.strip().lower() for sc, ref in zip(scores, batch["reference"])]
 
     def _generate(self, batch: dict) -> list[str]:

@@ -38,6 +38,7 @@ from smt.model import (
     select_blocks,
     sparse_layers,
     start_scoring,
+    stop_scoring,
     trainable_summary,
 )
 from smt.regrowth import Regrower
@@ -185,11 +186,10 @@ class SparseMatrixTuning(Callback):
         if not self.trainable_modules:
             return
         pattern = re.compile(self.trainable_modules)
-        bank = get_bank(self.target(pl_module))
         targeted = {id(layer.weight) for layer in sparse_layers(self.target(pl_module)).values()}
         hits = 0
         for name, param in pl_module.named_parameters():
-            if pattern.search(name) and id(param) not in targeted and bank is not None and "smt_bank" not in name:
+            if pattern.search(name) and id(param) not in targeted and "smt_bank" not in name:
                 param.requires_grad_(True)
                 hits += 1
         if hits == 0:
@@ -203,10 +203,11 @@ class SparseMatrixTuning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Under FSDP/DeepSpeed the callback state may load after on_fit_start: settle the phase here.
         bank = get_bank(self.target(pl_module))
-        if bank.tuning and self.phase == "warmup":
-            self._end_scoring(pl_module)
+        if bank.tuning and self.phase == "warmup":  # restored after selection
+            stop_scoring(self.target(pl_module))
+            self._scorers, self.phase = {}, "tuning"
         if self.phase == "warmup" and self.config.warmup_steps == 0:  # gradient-free criterion: choose now
-            self._select(trainer, pl_module)
+            self._select(trainer, pl_module, tuning_start=trainer.global_step)
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
@@ -247,8 +248,8 @@ class SparseMatrixTuning(Callback):
         for scorer in self._scorers.values():
             scorer.commit(accept)
         self.steps_scored += int(accept)
-        if self.steps_scored >= self.config.warmup_steps:
-            self._select(trainer, pl_module, optimizer)
+        if self.steps_scored >= self.config.warmup_steps:  # this step's optimizer step is still a warm-up one
+            self._select(trainer, pl_module, tuning_start=trainer.global_step + 1)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -276,7 +277,7 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_heatmaps and trainer.is_global_zero:
             current_selection(network).heatmap(Path(self.regrowth_heatmaps) / f"selection_step{step:06d}.png")
 
-    def _select(self, trainer: Trainer, pl_module: LightningModule, optimizer=None) -> None:
+    def _select(self, trainer: Trainer, pl_module: LightningModule, tuning_start: int) -> None:
         network = self.target(pl_module)
         for scorer in self._scorers.values():
             scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
@@ -285,10 +286,10 @@ class SparseMatrixTuning(Callback):
         _check_same_on_every_rank(trainer, selection)
         apply_selection(network, selection)
         for slot in get_bank(network).slots:  # fresh optimizer state for every slot
-            for opt in trainer.optimizers if optimizer is None else [optimizer]:
+            for opt in trainer.optimizers:
                 opt.state.pop(slot, None)
         self.selection, self.phase, self._scorers = selection, "tuning", {}
-        self.tuning_start = trainer.global_step + 1  # this step's optimizer step is still a warm-up one
+        self.tuning_start = tuning_start
         rank_zero_info(f"smt: selected {selection.summary()}")
         rank_zero_info(f"smt: {trainable_summary(network)}")
         trainer.should_stop = trainer.should_stop or self.stop_after_selection
@@ -296,11 +297,6 @@ class SparseMatrixTuning(Callback):
             path = selection.save(self.save_selection)
             selection.heatmap(Path(path).with_suffix(".png"))
             rank_zero_info(f"smt: selection written to {path} (heatmap {Path(path).with_suffix('.png')})")
-
-    def _end_scoring(self, pl_module: LightningModule) -> None:
-        for layer in sparse_layers(self.target(pl_module)).values():
-            layer.scorer = None
-        self._scorers, self.phase = {}, "tuning"
 
     # --- resume ---------------------------------------------------------------------------------------
 
@@ -380,8 +376,10 @@ def _drop_gradients(optimizer) -> None:
 
 def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) -> bool:
     """One decision per optimizer step, the same for every module and every rank: were all taps finite?"""
-    bad = torch.tensor(float(not all(s.pending_finite() for s in scorers)), device=pl_module.device)
-    return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0
+    device = pl_module.device
+    finite = [torch.isfinite(s.pending).all().to(device) for s in scorers if s.pending is not None]
+    bad = (~torch.stack(finite).all()).float() if finite else torch.zeros((), device=device)
+    return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0  # the step's one host sync
 
 
 def _loss_scale(trainer: Trainer) -> float:

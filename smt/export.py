@@ -103,14 +103,12 @@ def run_merge(args: list[str]) -> None:
 @torch.no_grad()
 def add_delta_(model: torch.nn.Module, path: str | Path, weight: float = 1.0) -> None:
     """``W += weight · Δ`` for every block of a delta file, on a plain model (validated before any write)."""
-    from smt.model import check_selection_fits, linear_geometry
+    from smt.model import check_selection_fits, logical_weight
 
     selection, deltas, _ = read_delta(path)
     check_selection_fits(model, selection)
     for name, index in selection.blocks.items():
-        module = model.get_submodule(name)
-        transposed = linear_geometry(module)[2]
-        logical = module.weight.t() if transposed else module.weight
+        logical = logical_weight(model.get_submodule(name))
         grid = selection.grids[name]
         tiles = grid.gather(logical, index).float() + weight * deltas[name].float()
         grid.scatter_(logical, index, tiles)

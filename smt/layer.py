@@ -72,9 +72,7 @@ class _MaterializedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        step: _Step = ctx.step
-        x2d, x_cols, delta = _saved(ctx)
-        g = dy.reshape(-1, dy.shape[-1]).contiguous()
+        step, (x2d, x_cols, delta), g = ctx.step, ctx.saved_tensors, _flat(dy)
         dx = None
         if ctx.needs_input_grad[0]:
             w_eff = _effective_weight(step.weight, delta, step)
@@ -98,9 +96,7 @@ class _AdditiveDelta(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        step: _Step = ctx.step
-        x2d, x_cols, delta = _saved(ctx)
-        g = dy.reshape(-1, dy.shape[-1]).contiguous()
+        step, (x2d, x_cols, delta), g = ctx.step, ctx.saved_tensors, _flat(dy)
         dx = None
         if ctx.needs_input_grad[1] and step.plan is not None and step.train:
             dx2d = torch.zeros(g.shape[0], ctx.x_shape[-1], dtype=g.dtype, device=g.device)
@@ -127,8 +123,9 @@ def _save(ctx, x: torch.Tensor, delta: torch.Tensor, step: _Step) -> None:
         ctx.save_for_backward(None, None, None)
 
 
-def _saved(ctx):
-    return ctx.saved_tensors
+def _flat(dy: torch.Tensor) -> torch.Tensor:
+    """``dy`` as a contiguous ``[T, out]`` (autograd may hand over an expanded, stride-0 tensor)."""
+    return dy.reshape(-1, dy.shape[-1]).contiguous()
 
 
 def _delta_grad(ctx, g, x2d, x_cols, delta, step: _Step):

@@ -171,7 +171,7 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
     if not isinstance(state, dict) or f"{BANK_NAME}.map" not in state_dict:
         raise ValueError("this checkpoint holds no smt bank; was it trained with the SparseMatrixTuning callback?")
     names = list(state["modules"])
-    targets = find_targets(model, "(?:" + "|".join(re.escape(n) for n in names) + ")")
+    targets = find_targets(model, _exactly(names))
     missing = set(names) - set(targets)
     if missing:
         raise ValueError(f"checkpoint tunes {sorted(missing)[0]}, which this model does not have; use its base model")
@@ -179,9 +179,19 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
     for name, (bo, bi) in zip(names, state["block_shapes"]):
         out_features, in_features, _, _ = linear_geometry(targets[name])
         grids[name] = BlockGrid(out_features, in_features, bo, bi)
+    capacity = state_dict[f"{BANK_NAME}.map"].shape[0]
+    return inject(model, _config_for(names, config), capacity=capacity, grids=grids)
+
+
+def _exactly(names) -> str:
+    """A ``target_modules`` regex matching exactly these module names."""
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _config_for(names, config: SMTConfig | None) -> SMTConfig:
+    """``config`` (forward mode, kernels, Δ dtype) targeting exactly ``names``; the budget comes from elsewhere."""
     fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
-    fields["target_modules"] = "(?:" + "|".join(re.escape(n) for n in names) + ")"
-    return inject(model, SMTConfig(**fields), capacity=state_dict[f"{BANK_NAME}.map"].shape[0], grids=grids)
+    return SMTConfig(**{**fields, "target_modules": _exactly(names)})
 
 
 def get_bank(model: nn.Module) -> BlockBank | None:
@@ -229,7 +239,7 @@ def select_blocks(
     """Choose blocks from the scorers' accumulated scores under ``config``'s budget and limits."""
     layers = sparse_layers(model)
     grids = {name: layer.grid for name, layer in layers.items()}
-    scores = {name: scorers[name].scores(_logical_weight(layer)) for name, layer in layers.items()}
+    scores = {name: scorers[name].scores(_float_or_none(logical_weight(layer))) for name, layer in layers.items()}
     pools = plan_pools(config, grids)
     capacity = _require_bank(model).capacity
     if sum(p.k for p in pools) != capacity:
@@ -243,10 +253,14 @@ def _budget_dict(config: SMTConfig) -> dict:
     return {"num_blocks": config.num_blocks} if config.num_blocks is not None else {"density": config.budget_density}
 
 
-def _logical_weight(layer: SparseBlockLinear) -> torch.Tensor | None:
-    if not layer.weight.dtype.is_floating_point:
-        return None
-    return layer.weight.t() if layer.transposed else layer.weight
+def logical_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` view of a Linear-like (or wrapped) module's weight (GPT-2 ``Conv1D`` stores ``[in, out]``)."""
+    transposed = module.transposed if isinstance(module, SparseBlockLinear) else linear_geometry(module)[2]
+    return module.weight.t() if transposed else module.weight
+
+
+def _float_or_none(weight: torch.Tensor) -> torch.Tensor | None:
+    return weight if weight.dtype.is_floating_point else None
 
 
 def apply_selection(model: nn.Module, selection: Selection, config: SMTConfig | None = None) -> nn.Module:
@@ -266,10 +280,9 @@ def apply_selection(model: nn.Module, selection: Selection, config: SMTConfig | 
     check_selection_fits(model, selection)
     bank = get_bank(model)
     if bank is None:
-        names = "|".join(re.escape(n) for n in selection.grids)
-        fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
-        fields["target_modules"] = f"(?:{names})"
-        bank = inject(model, SMTConfig(**fields), capacity=selection.num_blocks, grids=dict(selection.grids))
+        bank = inject(
+            model, _config_for(selection.grids, config), capacity=selection.num_blocks, grids=dict(selection.grids)
+        )
     elif selection.num_blocks != bank.capacity:
         raise ValueError(
             f"selection has {selection.num_blocks} blocks but the model's bank holds {bank.capacity}; "
@@ -300,13 +313,7 @@ def check_selection_fits(model: nn.Module, selection: Selection) -> None:
                 f"selection/delta uses {grid.block_rows}×{grid.block_cols} blocks for {name} but the model's bank "
                 f"uses {module.grid.block_rows}×{module.grid.block_cols}; use the same smt.block_size or a fresh model"
             )
-        geometry = (
-            None
-            if module is None
-            else (module.grid.out_features, module.grid.in_features)
-            if isinstance(module, SparseBlockLinear)
-            else (linear_geometry(module) or (None, None))[:2]
-        )
+        geometry = _logical_shape(module)
         if geometry != (grid.out_features, grid.in_features):
             raise ValueError(
                 f"selection/delta does not fit this model: {name} is "
@@ -316,6 +323,15 @@ def check_selection_fits(model: nn.Module, selection: Selection) -> None:
     model_id = getattr(getattr(model, "config", None), "_name_or_path", None)
     if selection.model_id and model_id and selection.model_id != model_id:
         warnings.warn(f"selection was made on {selection.model_id!r}, applying it to {model_id!r}", stacklevel=3)
+
+
+def _logical_shape(module: nn.Module | None) -> tuple[int, int] | None:
+    if module is None:
+        return None
+    if isinstance(module, SparseBlockLinear):
+        return module.grid.out_features, module.grid.in_features
+    geometry = linear_geometry(module)
+    return None if geometry is None else geometry[:2]
 
 
 def current_selection(model: nn.Module) -> Selection:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 
-def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, **overrides):
+def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, attn: str = "eager", **overrides):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -19,7 +19,7 @@ def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128, **overrides)
         max_position_embeddings=128,
         **overrides,
     )
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn
     return AutoModelForCausalLM.from_config(config)
 
 

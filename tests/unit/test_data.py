@@ -188,17 +188,9 @@ def test_packing_concatenates_whole_examples_with_restarting_positions():
 
 
 def test_packed_batch_gives_each_example_the_logits_it_has_alone():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from helpers import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    model = tiny_llama(layers=2, hidden=32, vocab=32, attn="sdpa").eval()
     first, second = [2, 5, 6, 7, 3], [2, 9, 10, 3]
     blocks = pack_examples([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}], 16)
     batch = InstructionCollator(pad_id=0)(blocks)

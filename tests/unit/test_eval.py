@@ -204,17 +204,9 @@ def test_predict_labels_scores_space_prefixed_labels_after_the_task_prefix():
 
 
 def test_likelihood_on_a_real_causal_lm_is_independent_of_padding():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from helpers import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=8,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(layers=1, hidden=16, vocab=8).eval()
     tokenizer, candidates = CharTokenizer(), ["b", "cab", "ac"]
     batched = score_candidates(model, tokenizer, "ab", candidates, batch_size=8)
     for index, candidate in enumerate(candidates):

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch.utils.data import DataLoader
 from smt.eval.extract import gsm8k_reference
 from smt.eval.tasks import detect_task, get_task, task_names
 from smt.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
+from smt.resume_loader import ResumableLoader
 
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt and padding positions)."""
@@ -617,9 +619,17 @@ class InstructionDataModule(LightningDataModule):
         """The same batches as :meth:`test_dataloader`."""
         return self.test_dataloader()
 
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch trained so far (what a mid-epoch checkpoint must resume after)."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     def _loader(self, dataset: Any, batch_size: int, generator: Any = None, prompts: bool = False) -> DataLoader:
         pad_id = int(self.tokenizer.pad_token_id)
-        return DataLoader(
+        # shuffled = training: resumable mid-epoch (smt.resume_loader); evaluation loaders stay plain
+        resumable = partial(ResumableLoader, trained_batches=self._trained_batches)
+        loader = resumable if generator is not None else DataLoader
+        return loader(
             dataset,
             batch_size=batch_size,
             shuffle=generator is not None,

@@ -1,4 +1,4 @@
-"""``smt export`` (checkpoint → delta file and/or merged model) and ``smt merge`` (base + deltas → model).
+"""``smt export`` (checkpoint → delta file, merged model and/or LoRA adapter) and ``smt merge`` (base + deltas → model).
 
 A Lightning checkpoint of ``SMTLanguageModel`` holds the model's hyper-parameters and the bank (its
 module names, block shapes and map live in the state dict), so export needs nothing else: the base is
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from smt.delta import read_delta, save_delta
-from smt.model import get_bank, inject_from_state, merge_delta
+from smt.delta import save_delta
+from smt.model import DTYPES, get_bank, inject_from_state, merge_delta
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -54,20 +54,33 @@ def model_from_checkpoint(path: str | Path):
     return module
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def run_export(args: list[str]) -> None:
-    """``smt export CKPT --delta OUT [--merged DIR] [--dtype bfloat16]``."""
+    """``smt export CKPT [--delta OUT] [--merged DIR] [--lora RANK --lora_out DIR] [--dtype bfloat16]``."""
     parser = argparse.ArgumentParser(
-        prog="smt export", description="Write the delta file and/or merged model of a checkpoint."
+        prog="smt export", description="Write the delta file, merged model and/or LoRA adapter of a checkpoint."
     )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of `smt fit`")
     parser.add_argument("--delta", help="delta file to write (.safetensors)")
     parser.add_argument("--merged", help="folder for the merged transformers model (save_pretrained + tokenizer)")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="also write Δ as a rank-RANK PEFT LoRA adapter (SVD)")
+    parser.add_argument("--lora_out", help="folder for the LoRA adapter (with --lora)")
     parser.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="delta storage dtype"
+        "--dtype",
+        default="bfloat16",
+        choices=[*DTYPE_ALIASES.values(), *DTYPE_ALIASES],
+        help="storage dtype of the delta file and LoRA weights",
     )
     options = parser.parse_args(args)
-    if not options.delta and not options.merged:
-        raise ValueError("smt export needs --delta OUT and/or --merged DIR")
+    options.dtype = DTYPE_ALIASES.get(options.dtype, options.dtype)
+    if not options.delta and not options.merged and options.lora is None:
+        raise ValueError("smt export needs --delta OUT, --merged DIR and/or --lora RANK --lora_out DIR")
+    if (options.lora is None) != (options.lora_out is None):
+        raise ValueError("smt export: give --lora RANK and --lora_out DIR together")
+    if options.lora is not None and options.lora < 1:
+        raise ValueError(f"smt export --lora {options.lora}: the rank must be at least 1")
     module = model_from_checkpoint(options.checkpoint)
     if get_bank(module.model) is None or not get_bank(module.model).tuning:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
@@ -77,41 +90,99 @@ def run_export(args: list[str]) -> None:
         from smt.module import save_merged
 
         print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
+    if options.lora is not None:
+        _export_lora(module, options)
+
+
+def _export_lora(module, options) -> None:
+    """The LoRA adapter of ``module``'s Δ, its error table printed (output error on 2×32 random tokens)."""
+    from smt.lora_export import export_lora
+
+    vocab = module.model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    report = export_lora(module.model, options.lora_out, options.lora, module.hparams.model, DTYPES[options.dtype], ids)
+    print(f"LoRA adapter (rank {options.lora}) written to {options.lora_out}\n{report.table()}")
 
 
 def run_merge(args: list[str]) -> None:
-    """``smt merge BASE DELTA... --out DIR [--weights W...]``: deltas applied to a base, saved with save_pretrained."""
+    """``smt merge BASE DELTA... (--out DIR | OUT) [--weights W...]``: deltas on a base, saved with save_pretrained.
+
+    Without ``--out`` the last positional argument is the output folder (``smt merge BASE DELTA... OUT``).
+    """
     parser = argparse.ArgumentParser(prog="smt merge", description="Apply delta files to a base model and save it.")
     parser.add_argument("base", help="base model folder (save_pretrained layout)")
-    parser.add_argument("deltas", nargs="+", help="delta files (.safetensors)")
-    parser.add_argument("--out", required=True, help="folder to write the merged model to")
+    parser.add_argument("deltas", nargs="+", help="delta files (.safetensors), then OUT unless --out is given")
+    parser.add_argument("--out", help="folder to write the merged model to (default: the last positional argument)")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per delta (default 1 each)")
+    parser.add_argument("--allow_other_base", action="store_true", help="skip the base model id check (shapes still)")
     options = parser.parse_args(args)
-    weights = options.weights or [1.0] * len(options.deltas)
-    if len(weights) != len(options.deltas):
-        raise ValueError(f"--weights has {len(weights)} values for {len(options.deltas)} deltas; give one per delta")
+    deltas, out = split_merge_targets(options.base, options.deltas, options.out)
+    weights = options.weights or [1.0] * len(deltas)
+    if len(weights) != len(deltas):
+        raise ValueError(f"--weights has {len(weights)} values for {len(deltas)} deltas; give one per delta")
     from smt.module import load_causal_lm, load_tokenizer_for
 
     model = load_causal_lm(options.base, None, "float32", "eager")
-    for delta_path, weight in zip(options.deltas, weights):
-        add_delta_(model, delta_path, weight)
-    model.save_pretrained(options.out)
-    load_tokenizer_for(options.base, None).save_pretrained(options.out)
-    print(f"merged {len(options.deltas)} delta(s) into {options.out}")
+    fuse_deltas_(model, deltas, weights, "" if options.allow_other_base else None)
+    model.save_pretrained(out)
+    load_tokenizer_for(options.base, None).save_pretrained(out)
+    print(f"merged {len(deltas)} delta(s) into {out}")
+
+
+def split_merge_targets(base: str, positionals: list[str], out: str | None) -> tuple[list[str], str]:
+    """The delta files and the output folder of ``smt merge`` (``--out`` or the last positional).
+
+    Raises:
+        ValueError: no delta left, an output that is a file or a ``.safetensors`` name, or the base itself.
+    """
+    if out is None:
+        if len(positionals) < 2:
+            raise ValueError("smt merge needs BASE DELTA... OUT (or --out DIR); no output folder was given")
+        positionals, out = positionals[:-1], positionals[-1]
+    if out.endswith(".safetensors") or Path(out).is_file():
+        raise ValueError(f"smt merge output {out!r} is a file, not a folder; put the output folder last or use --out")
+    if Path(out).resolve() == Path(base).resolve():
+        raise ValueError(f"smt merge output {out!r} is the base folder; write the merged model elsewhere")
+    return positionals, out
 
 
 @torch.no_grad()
+def fuse_deltas_(
+    model: torch.nn.Module, paths: list[str | Path], weights: list[float] | None = None, base_model_id=None
+) -> torch.nn.Module:
+    """``W = W0 + Σ_d w_d · Δ_d`` (sum in fp32, one rounding) on a plain model; every file is validated first.
+
+    Args:
+        model: a plain model (weights are changed in place).
+        paths: delta files; blocks that overlap add up with their weights.
+        weights: one per file (default 1 each).
+        base_model_id: the base's id for the check; default ``model.config._name_or_path``, ``""`` skips it.
+
+    Raises:
+        ValueError: a bad file, another base, or a non-finite weight; the model is unchanged then.
+    """
+    from smt.deltaset import DeltaSet
+
+    weights = [1.0] * len(paths) if weights is None else list(weights)
+    deltas = DeltaSet(model, base_model_id)
+    for position, path in enumerate(paths):
+        deltas.add(str(position), path)  # validates; the weights are not written yet
+    deltas.activate({str(position): weight for position, weight in enumerate(weights)})
+    return model
+
+
 def add_delta_(model: torch.nn.Module, path: str | Path, weight: float = 1.0) -> None:
     """``W += weight · Δ`` for every block of a delta file, on a plain model (validated before any write)."""
-    from smt.model import check_selection_fits, logical_weight
-
-    selection, deltas, _ = read_delta(path)
-    check_selection_fits(model, selection)
-    for name, index in selection.blocks.items():
-        logical = logical_weight(model.get_submodule(name))
-        grid = selection.grids[name]
-        tiles = grid.gather(logical, index).float() + weight * deltas[name].float()
-        grid.scatter_(logical, index, tiles)
+    fuse_deltas_(model, [path], [weight], "")
 
 
-__all__ = ["add_delta_", "load_checkpoint", "merge_delta", "model_from_checkpoint", "run_export", "run_merge"]
+__all__ = [
+    "add_delta_",
+    "fuse_deltas_",
+    "load_checkpoint",
+    "merge_delta",
+    "model_from_checkpoint",
+    "run_export",
+    "run_merge",
+    "split_merge_targets",
+]

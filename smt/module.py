@@ -20,30 +20,65 @@ from torchmetrics.text import Perplexity
 
 from smt.data import IGNORE_INDEX
 from smt.model import get_bank, merged, plain_state_dict
+from smt.quant import (
+    OPTIMIZERS,
+    QUANTIZATIONS,
+    bnb_config,
+    build_optimizer,
+    make_loadable,
+    quant_state_keys,
+    quantize_linear_layers,
+    require_bitsandbytes,
+    save_dequantized,
+)
 from smt.schedules import after_warmup, warmup_cosine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_TOKENIZERS = ("bytes",)
 
 
-def load_causal_lm(name_or_path: str | None, model_config: dict | None, dtype: str, attn_implementation: str):
+def load_causal_lm(
+    name_or_path: str | None,
+    model_config: dict | None,
+    dtype: str,
+    attn_implementation: str,
+    quantization: str = "none",
+    compute_dtype: str | None = None,
+    double_quant: bool = True,
+):
     """A transformers causal LM from a local folder / cached id, or a randomly initialised one from a config dict.
 
+    A quantized base (``nf4``/``fp4``/``int8``) loads through ``BitsAndBytesConfig`` from a folder; a config-dict
+    model has its Linear layers (all but ``lm_head``) quantized after construction, as transformers would.
+
     Raises:
-        ValueError: neither or both sources given, or the model cannot be found locally.
+        ValueError: neither or both sources given, the model cannot be found locally, or bitsandbytes cannot run.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (name_or_path is None) == (model_config is None):
         raise ValueError("set exactly one of model.model (a local folder or cached id) and model.model_config")
+    compute = DTYPES[compute_dtype or dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if quantization != "none":
+        require_bitsandbytes(quantization, device)
     if model_config is not None:
         config = AutoConfig.for_model(**model_config)
         config._attn_implementation = attn_implementation
-        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        if quantization != "none":
+            quantize_linear_layers(model, quantization, compute, double_quant, "cpu")  # Lightning moves it later
+        return model
+    quantized = {}
+    if quantization != "none":  # loads on one device; Lightning's later move does not touch the quantized bytes
+        quantized = {"quantization_config": bnb_config(quantization, compute, double_quant), "device_map": device}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation
-        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            **quantized,
+        )  # fmt: skip
+        make_loadable(model)
+        return model
     except (OSError, ValueError) as err:
         raise ValueError(
             f"model.model={name_or_path!r} was not found locally ({str(err).splitlines()[0][:120]}); "
@@ -77,7 +112,15 @@ class SMTLanguageModel(LightningModule):
         model: local folder or cached id of a pretrained causal LM (loaded with ``local_files_only=True``).
         model_config: instead of ``model``: a transformers config dict (with ``model_type``) for a random model.
         tokenizer: tokenizer folder/id; default: the model's folder. ``bytes`` = built-in byte tokenizer.
-        dtype: weight dtype of the base model (``float32``, ``bfloat16``, ``float16``).
+        dtype: weight dtype of the base model (``float32``, ``bfloat16``, ``float16``); for a quantized base, the
+            dtype of the layers left unquantized (embeddings, norms, ``lm_head``).
+        quantization: keep the base quantized with bitsandbytes: ``nf4``, ``fp4`` (4-bit, QLoRA-style), ``int8``
+            (LLM.int8()), or ``none``. Only the blocks' Δ train (fp32 master copies, see ``smt.delta_dtype``).
+        compute_dtype: compute dtype of 4-bit layers (``bnb_4bit_compute_dtype``); default: ``dtype``.
+            ``bfloat16`` is what QLoRA uses on GPU (on CPUs without bf16 GEMM it is far slower).
+        double_quant: also quantize the 4-bit scales (``bnb_4bit_use_double_quant``: ~0.4 bit/weight less).
+        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes, 8-bit moments: ~2 bytes of state per tuned
+            weight instead of 8) or ``paged_adamw8bit`` (CUDA only; elsewhere falls back to adamw8bit with a warning).
         attn_implementation: ``eager`` or ``sdpa``.
         gradient_checkpointing: recompute activations in backward (less memory, ~30 % more time).
         lr: peak learning rate.
@@ -102,6 +145,10 @@ class SMTLanguageModel(LightningModule):
         model_config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
         dtype: str = "float32",
+        quantization: str = "none",
+        compute_dtype: str | None = None,
+        double_quant: bool = True,
+        optimizer: str = "adamw",
         attn_implementation: str = "eager",
         gradient_checkpointing: bool = False,
         lr: float = 2e-4,
@@ -120,11 +167,19 @@ class SMTLanguageModel(LightningModule):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"model.quantization={quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if compute_dtype is not None and compute_dtype not in DTYPES:
+            raise ValueError(f"model.compute_dtype={compute_dtype!r} is not one of {', '.join(DTYPES)}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if eval_mode not in ("likelihood", "generate"):
             raise ValueError(f"model.eval_mode={eval_mode!r} is not one of likelihood, generate")
         warmup_cosine(1, 0, 0.0, scheduler)  # validates the name now, not at the first step
         self.save_hyperparameters()
-        self.model = load_causal_lm(model, model_config, dtype, attn_implementation)
+        self.model = load_causal_lm(
+            model, model_config, dtype, attn_implementation, quantization, compute_dtype, double_quant
+        )
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps it: dropout would be off
         self.tokenizer = load_tokenizer_for(model, tokenizer)
         if model_config is not None and len(self.tokenizer) > self.model.config.vocab_size:
@@ -176,7 +231,8 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        with merged(self.model) if get_bank(self.model) is not None else nullcontext():  # exact, no per-call copy
+        mergeable = get_bank(self.model) is not None and self.hparams.quantization == "none"
+        with merged(self.model) if mergeable else nullcontext():  # exact, no per-call copy (a quantized base adds Δ)
             correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
 
@@ -227,9 +283,8 @@ class SMTLanguageModel(LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: every parameter is frozen; check smt.target_modules/trainable_modules")
-        optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=tuple(self.hparams.betas)
-        )
+        hp = self.hparams
+        optimizer = build_optimizer(hp.optimizer, params, hp.lr, tuple(hp.betas), hp.weight_decay, self.device)
         offset = _smt_warmup_offset(self.trainer)
         total = max(1, int(self.trainer.estimated_stepping_batches) - offset)
         shape = warmup_cosine(total, self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio, self.hparams.scheduler)
@@ -242,6 +297,7 @@ class SMTLanguageModel(LightningModule):
         if not (self.hparams.slim_checkpoints and self.hparams.model):
             return
         frozen = {f"model.{k}" for k, p in self.model.named_parameters() if not p.requires_grad}
+        frozen |= {f"model.{k}" for k in quant_state_keys(self.model)}  # a 4-bit weight's scales are not parameters
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["smt_slim"] = True
 
@@ -269,11 +325,18 @@ class SMTLanguageModel(LightningModule):
             rank_zero_info(f"smt: merged model written to {self.hparams.merged_dir}")
 
 
-def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
-    """``save_pretrained`` of ``W0 + Δ`` (plain transformers keys) and the tokenizer; the model is unchanged after."""
+def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: str = "bfloat16") -> Path:
+    """``save_pretrained`` of ``W0 + Δ`` (plain transformers keys) and the tokenizer; the model is unchanged after.
+
+    A quantized base cannot hold ``W0 + Δ`` in place: its weights are dequantized, Δ added, and the model saved in
+    ``dtype`` (bf16 by default; ignored for a float base, which keeps its dtype) with plain Linear layers.
+    """
     folder = Path(folder)
-    with merged(model):
-        model.save_pretrained(folder, state_dict=plain_state_dict(model))
+    if quant_state_keys(model):
+        save_dequantized(model, folder, DTYPES[dtype])
+    else:
+        with merged(model):
+            model.save_pretrained(folder, state_dict=plain_state_dict(model))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

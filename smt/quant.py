@@ -278,3 +278,76 @@ def tensor_bytes(tensors) -> int:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (moments, 8-bit quantization maps, …)."""
     return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+# --- a merged, dequantized model ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dequantized_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's plain state dict in ``dtype``: each quantized weight as ``deq(Q)``, plus Δ where SMT tunes it.
+
+    One weight is dequantized at a time; smt's own entries (the bank) are left out.
+    """
+    from smt.model import BANK_NAME
+
+    skipped = quant_state_keys(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in skipped and not k.startswith(BANK_NAME + ".")}
+    for name, module in model.named_modules():
+        base = getattr(module, "base", module)
+        if not is_quantized(base):
+            continue
+        weight = dequantized_weight(base)
+        if base is not module:  # a SparseBlockLinear: its tuned blocks' Δ, applied on the dequantized weight
+            weight += module.delta_weight().to(weight.device)
+        state[f"{name}.weight"] = weight
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_dequantized(model: nn.Module, folder, dtype: torch.dtype = torch.bfloat16) -> None:
+    """``save_pretrained`` a plain (unquantized) copy of a transformers model holding ``deq(Q) + Δ`` in ``dtype``."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    with torch.device("meta"):  # no second random initialisation: every tensor comes from the state dict
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(dequantized_state_dict(model, dtype), strict=True, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(folder)
+
+
+@torch.no_grad()
+def save_requantized(model: nn.Module, folder) -> list[tuple[str, float, float, float]]:
+    """Save ``quant(deq(Q) + Δ)`` in the base's own format; consumes ``model`` (its bank is taken out).
+
+    Returns:
+        ``(module, max |deq(Q') − (deq(Q) + Δ)|, that ÷ max |deq(Q) + Δ|, max |Δ|)`` for each re-quantized layer:
+        an error near ``max |Δ|`` means the quantization grid cannot hold the tuned change.
+
+    Raises:
+        ValueError: the base is not quantized (save a plain merged model instead).
+    """
+    from smt.model import BANK_NAME, sparse_layers
+
+    layers = sparse_layers(model)
+    if not any(is_quantized(layer.base) for layer in layers.values()):
+        raise ValueError("--requantize needs a quantized base (model.quantization nf4/fp4/int8); this one is not")
+    report, kind = [], None
+    for name, layer in layers.items():
+        base = layer.base
+        if is_quantized(base) and layer.slot_ids():
+            delta = layer.delta_weight()
+            base, error, relative = requantize(base, dequantized_weight(base) + delta.to(base.weight.device))
+            report.append((name, error, relative, float(delta.abs().max())))
+        kind = kind or (quantization_of(base) if is_quantized(base) else None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    delattr(model, BANK_NAME)
+    model.config.quantization_config = bnb_config(*kind).to_dict()  # from_pretrained re-creates the layers
+    model.save_pretrained(folder)
+    return report

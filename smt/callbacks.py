@@ -30,6 +30,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from smt.config import PoolConfig, RegrowthConfig, SMTConfig
+from smt.distributed import (
+    check_same_selection,
+    summed_regrowth_state,
+    summed_scorer_states,
+    zeroed_regrowth_state,
+    zeroed_scorer_states,
+)
 from smt.model import (
     apply_selection,
     current_selection,
@@ -42,7 +49,7 @@ from smt.model import (
     trainable_summary,
 )
 from smt.regrowth import Regrower
-from smt.scoring import CRITERIA
+from smt.scoring import CRITERIA, check_accumulator_memory
 from smt.selection import Selection
 
 GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
@@ -128,6 +135,7 @@ class SparseMatrixTuning(Callback):
         self.selection: Selection | None = None
         self._scorers: dict = {}
         self._pending_state: dict | None = None
+        self._rank = 0
 
     # --- where to inject ------------------------------------------------------------------------------
 
@@ -145,6 +153,7 @@ class SparseMatrixTuning(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._rank = trainer.global_rank  # before a checkpoint's state loads: only rank 0 keeps its summed scores
         if _has_configure_model(pl_module):
             _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
         else:
@@ -164,6 +173,8 @@ class SparseMatrixTuning(Callback):
         if stage == "fit" and not bank.tuning:
             self._check_warmup_fits(trainer)
             self._scorers = start_scoring(network, self.config)
+            home = self.config.accumulator_device or trainer.strategy.root_device
+            check_accumulator_memory(list(self._scorers.values()), home)  # refuse before any step runs
             self.phase = "warmup"
             if self._pending_state is not None:
                 self._load_scorers(self._pending_state)
@@ -283,7 +294,7 @@ class SparseMatrixTuning(Callback):
             scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
         model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
         selection = select_blocks(network, self.config, self._scorers, self.steps_scored, model_id)
-        _check_same_on_every_rank(trainer, selection)
+        check_same_selection(selection.fingerprint(), lambda t: trainer.strategy.all_gather(t.to(pl_module.device)))
         apply_selection(network, selection)
         for slot in get_bank(network).slots:  # fresh optimizer state for every slot
             for opt in trainer.optimizers:
@@ -311,7 +322,24 @@ class SparseMatrixTuning(Callback):
         }
 
     @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Each rank holds the scores of its own batches, but only rank 0's state is written: store their sum
+        # (every rank runs this hook, so the collectives line up).
+        if trainer.world_size == 1:
+            return
+        state = checkpoint["callbacks"][self.state_key]
+        reduce = lambda t: _reduce_sum(trainer, t, pl_module)  # noqa: E731
+        state["scorers"] = summed_scorer_states(self._scorers, reduce)
+        if self.regrower is not None:
+            state["regrowth"] = summed_regrowth_state(self.regrower, reduce)
+        state["summed_over_ranks"] = True
+
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("summed_over_ranks") and self._rank != 0:  # rank 0 resumes with the sum of all ranks
+            state_dict = {**state_dict, "scorers": zeroed_scorer_states(state_dict["scorers"])}
+            if state_dict.get("regrowth") is not None:
+                state_dict["regrowth"] = zeroed_regrowth_state(state_dict["regrowth"])
         self.steps_scored = int(state_dict["steps_scored"])
         self.tuning_start = int(state_dict.get("tuning_start", 0))
         self._pending_regrowth = state_dict.get("regrowth")
@@ -385,13 +413,3 @@ def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) ->
 def _loss_scale(trainer: Trainer) -> float:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-
-def _check_same_on_every_rank(trainer: Trainer, selection: Selection) -> None:
-    mine = selection.fingerprint()
-    first = trainer.strategy.broadcast(mine, src=0)
-    if first != mine:
-        raise RuntimeError(
-            f"smt: rank {trainer.global_rank} selected {mine} but rank 0 selected {first}; "
-            "scores were not reduced identically across ranks"
-        )

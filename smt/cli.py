@@ -20,10 +20,14 @@ from types import MethodType
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 
 from smt.callbacks import SparseMatrixTuning
+from smt.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
 from smt.data import InstructionDataModule
+from smt.guards import NonFiniteGuard, TrainingDivergedError
+from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)
+RUN_ERRORS = (TrainingDivergedError, WriteFailedError)  # one line too, exit code 1: the run, not the input, failed
 
 
 class SMTCLI(LightningCLI):
@@ -31,6 +35,12 @@ class SMTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SparseMatrixTuning, "smt")
+        parser.add_lightning_class_args(NonFiniteGuard, "guard")  # --guard.max_consecutive N (0 = only skip)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given."""
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        return super().instantiate_trainer(**kwargs, plugins=with_atomic_checkpoint_io(plugins))
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's ``--model.*`` values under ``--ckpt_path``.
@@ -78,6 +88,7 @@ def run_lightning(args: list[str]) -> SMTCLI:
         InstructionDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},
         parser_kwargs={"default_env": False},
     )
 
@@ -116,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"smt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
+    except RUN_ERRORS as err:
+        print(f"smt: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except PreemptedError as stop:
+        print(f"smt: stopped by SIGTERM at step {stop.step}; resume with --ckpt_path {stop.path}", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -7,8 +7,10 @@ execution) and turn every failure into a one-line ``ValueError`` that names the 
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,22 +18,53 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Write ``tensors`` with ``metadata`` to ``path`` atomically (temp file, fsync, rename)."""
+class WriteFailedError(OSError):
+    """A file could not be written (full disk, no permission); the previous file under that name is intact."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None], what: str = "file") -> Path:
+    """Run ``write(temporary_name)``, fsync it, then rename it over ``path`` and fsync the folder.
+
+    Readers see the old file or the complete new one, never a partial one; on any failure the temporary
+    file is removed and the old file is left as it was.
+
+    Raises:
+        WriteFailedError: the write, fsync or rename failed (e.g. ``ENOSPC``), with a one-line reason.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+        raise WriteFailedError(
+            err.errno, f"{what} {path} was not written ({reason}); the previous one is intact — free space and retry"
+        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    _remove_stale_temporaries(path)
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of ``path`` left by a process killed mid-write (this write just succeeded, so none is live)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` with ``metadata`` to ``path`` atomically (temp file, fsync, rename)."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(Path(path), lambda tmp: save_file(cpu, tmp, metadata=metadata), "safetensors file")
 
 
 def _umask() -> int:

@@ -227,3 +227,57 @@ class BlockScorer:
         self.total = total
         self.micro_batches, self.steps = state["micro_batches"], state["steps"]
         self.skipped_steps = state["skipped_steps"]
+
+
+# --- memory check ---------------------------------------------------------------------------------
+
+MEMORY_HEADROOM = 0.8  # accumulators may take at most this fraction of the free memory: activations need the rest
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of /proc/meminfo), None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as handle:
+                for line in handle:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_accumulator_memory(
+    scorers: list[BlockScorer], device: str | torch.device, available: int | None = None
+) -> int:
+    """Refuse, before the warm-up starts, accumulators that would not fit in ``device``'s free memory.
+
+    Args:
+        scorers: the warm-up's scorers (their ``accumulator_bytes`` are summed).
+        device: where the accumulators live (``accumulator_device``, else the training device).
+        available: free bytes (default: measured with ``available_memory``).
+
+    Returns:
+        The estimated accumulator bytes.
+
+    Raises:
+        ValueError: the estimate exceeds ``MEMORY_HEADROOM`` of the free memory; names the cheaper alternatives.
+    """
+    need = sum(scorer.accumulator_bytes() for scorer in scorers)
+    available = available_memory(device) if available is None else available
+    if need == 0 or available is None or need <= MEMORY_HEADROOM * available:
+        return need
+    criterion = scorers[0].criterion.name
+    light = sum(2 * 4 * scorer.grid.num_blocks for scorer in scorers)
+    offload = "" if torch.device(device).type == "cpu" else ", or smt.accumulator_device=cpu (same scores, host memory)"
+    raise ValueError(
+        f"smt.criterion={criterion} needs {_gib(need)} of warm-up accumulators on {device} but only "
+        f"{_gib(available)} is free; use smt.criterion=grad_l1 ({_gib(light)}, its memory-light upper bound){offload}"
+    )
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"

@@ -1,0 +1,155 @@
+"""Checkpoints that survive crashes and hostile files: atomic writes, verified reads, a save on SIGTERM.
+
+- ``AtomicCheckpointIO`` (a Lightning ``CheckpointIO``, the default of ``smt fit``): a checkpoint is written to
+  a temporary name in its folder, fsynced and renamed over the target, so a run killed mid-write leaves the
+  previous file intact and never a truncated one under the real name. A full disk raises a one-line error.
+- ``read_checkpoint``: the only way smt reads a checkpoint. Before ``torch.load(weights_only=True)`` (no code
+  runs) the zip container is checked: every record stored uncompressed (what ``torch.save`` writes, so a
+  record's size is bounded by the file's and a hostile header cannot make it allocate more) and every CRC-32
+  right (a flipped bit is refused, not loaded as a wrong weight).
+- ``PreemptionCheckpoint``: on SIGTERM (cluster pre-emption) the run saves ``last.ckpt`` after the current
+  optimizer step and exits; ``--ckpt_path last`` resumes it.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from smt.io import atomic_write
+
+CRC_CHUNK = 1 << 22  # bytes read at a time while checking CRCs: memory stays bounded for any checkpoint size
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """A Lightning checkpoint, verified and loaded without executing code.
+
+    Raises:
+        ValueError: missing, truncated, bit-flipped or hostile file, or not a Lightning checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist; check the path")
+    _verify_container(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or hostile files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f"checkpoint {path} cannot be read safely ({reason}); is it a Lightning .ckpt?") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {path} has no state_dict; give a Lightning checkpoint (.ckpt)")
+    bad = [k for k, v in checkpoint["state_dict"].items() if not isinstance(k, str) or not _is_state(k, v)]
+    if bad:
+        raise ValueError(f"checkpoint {path}: state_dict entry {bad[0]!r} is not a named tensor; the file is damaged")
+    return checkpoint
+
+
+def _is_state(key: str, value: Any) -> bool:
+    return torch.is_tensor(value) or key.endswith("_extra_state")  # extra state is whatever a module returns
+
+
+def _verify_container(path: Path) -> None:
+    """Refuse anything but an intact, uncompressed torch zip archive (before torch parses a byte of it)."""
+    damaged = f"checkpoint {path} is truncated or damaged"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if not records or not any(r.filename.endswith("/data.pkl") or r.filename == "data.pkl" for r in records):
+                raise ValueError(f"{damaged} (no data.pkl); is it a Lightning .ckpt?")
+            for record in records:
+                if record.compress_type != zipfile.ZIP_STORED or record.file_size > path.stat().st_size:
+                    raise ValueError(f"{damaged} (record {record.filename} is compressed or oversized); re-create it")
+                _check_crc(archive, record)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise ValueError(f"{damaged} ({reason}); resume from an earlier checkpoint") from err
+
+
+def _check_crc(archive: zipfile.ZipFile, record: zipfile.ZipInfo) -> None:
+    with archive.open(record) as handle:  # zipfile raises BadZipFile on a CRC mismatch at the end
+        while handle.read(CRC_CHUNK):
+            pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes atomically and reads through ``read_checkpoint``.
+
+    Example:
+        >>> trainer = Trainer(plugins=[AtomicCheckpointIO()])  # what `smt fit` uses by default
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
+        atomic_write(Path(path), lambda tmp: self.write_payload(checkpoint, tmp), "checkpoint")
+
+    def write_payload(self, checkpoint: dict[str, Any], temporary: str) -> None:
+        """Serialize ``checkpoint`` into the temporary file (a seam: tests kill the process in here)."""
+        torch.save(checkpoint, temporary)
+
+    @override
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if weights_only is False:
+            raise ValueError(f"checkpoint {path}: smt never unpickles code (weights_only=False was asked for)")
+        return read_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list:
+    """``plugins`` plus an ``AtomicCheckpointIO`` unless one ``CheckpointIO`` is already given."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    given = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(p, CheckpointIO) for p in given):
+        return given
+    return [*given, AtomicCheckpointIO()]
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM, save ``last.ckpt`` after the current optimizer step and stop (exit status of SIGTERM).
+
+    Lightning only notes a SIGTERM (and on one device acts on it at the end of the epoch): a pre-empted job
+    would lose everything since its last periodic checkpoint. All ranks decide together after each training
+    batch. A SIGTERM during validation stops there (Lightning's own rule) without a new checkpoint.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[PreemptionCheckpoint()])  # on by default in `smt fit`
+    """
+
+    def __init__(self) -> None:
+        self.saved_path: Path | None = None
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        flag = torch.tensor(float(getattr(trainer, "received_sigterm", False)), device=pl_module.device)
+        if float(trainer.strategy.reduce(flag, reduce_op="sum")) == 0.0:
+            return
+        self.saved_path = checkpoint_folder(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
+        trainer.save_checkpoint(self.saved_path)
+        rank_zero_info(f"smt: SIGTERM: saved {self.saved_path} at step {trainer.global_step}; resume with --ckpt_path")
+        raise PreemptedError(self.saved_path, trainer.global_step)
+
+
+class PreemptedError(SIGTERMException):
+    """The run stopped on SIGTERM after saving ``path`` (a ``SystemExit``: Lightning tears down, then exits 143)."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        super().__init__(143)
+        self.path, self.step = path, step
+
+
+def checkpoint_folder(trainer: Trainer) -> Path:
+    """Where the run's ``ModelCheckpoint`` writes (so ``--ckpt_path last`` finds it), else ``<root>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"

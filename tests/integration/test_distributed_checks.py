@@ -1,0 +1,39 @@
+"""The rank-agreement pieces of ``smt.distributed`` with a simulated second rank (no processes)."""
+
+import pytest
+import torch
+
+from smt.blocks import BlockGrid
+from smt.distributed import check_same_selection, summed_scorer_states, zeroed_scorer_states
+from smt.scoring import BlockScorer
+
+
+def gather_from(*fingerprints: str):
+    """An ``all_gather`` whose ranks hold ``fingerprints`` (rank order)."""
+    rows = [torch.tensor(list(bytes.fromhex(f)), dtype=torch.int64) for f in fingerprints]
+    return lambda mine: torch.stack(rows)
+
+
+def test_equal_fingerprints_pass_and_a_single_process_passes():
+    check_same_selection("00112233445566ff", gather_from("00112233445566ff", "00112233445566ff"))
+    check_same_selection("00112233445566ff", lambda t: t)  # Lightning's single-device all_gather: no rank dim
+
+
+def test_a_differing_rank_is_named_on_every_rank():
+    gather = gather_from("00112233445566ff", "00112233445566ff", "ffffffffffffffff")
+    for mine in ("00112233445566ff", "ffffffffffffffff"):  # rank 0's view and rank 2's view
+        with pytest.raises(RuntimeError, match=r"ranks \[2\] selected other blocks than rank 0"):
+            check_same_selection(mine, gather)
+
+
+def test_checkpointed_scores_are_summed_but_the_live_ones_stay_this_ranks():
+    scorer = BlockScorer(BlockGrid(8, 8, 4, 4), "grad_sq", "q_proj")
+    scorer.observe(torch.ones(3, 8), torch.ones(3, 8))
+    scorer.commit()
+    live = scorer.total.clone()
+
+    states = summed_scorer_states({"q_proj": scorer}, lambda t: t * 2)  # two ranks with equal scores
+    assert torch.equal(states["q_proj"]["total"], 2 * live)
+    assert torch.equal(scorer.total, live)
+    zeroed = zeroed_scorer_states(states)["q_proj"]
+    assert torch.equal(zeroed["total"], torch.zeros_like(live)) and zeroed["steps"] == states["q_proj"]["steps"]

@@ -59,19 +59,25 @@ def _is_state(key: str, value: Any) -> bool:
 
 def _verify_container(path: Path) -> None:
     """Refuse anything but an intact, uncompressed torch zip archive (before torch parses a byte of it)."""
-    damaged = f"checkpoint {path} is truncated or damaged"
     try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-            if not records or not any(r.filename.endswith("/data.pkl") or r.filename == "data.pkl" for r in records):
-                raise ValueError(f"{damaged} (no data.pkl); is it a Lightning .ckpt?")
-            for record in records:
-                if record.compress_type != zipfile.ZIP_STORED or record.file_size > path.stat().st_size:
-                    raise ValueError(f"{damaged} (record {record.filename} is compressed or oversized); re-create it")
-                _check_crc(archive, record)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise ValueError(f"{damaged} ({reason}); resume from an earlier checkpoint") from err
+        problem = _container_problem(path)
+    except Exception as err:  # zipfile raises BadZipFile, UnicodeDecodeError, EOFError, struct.error, ... on damage
+        problem = (str(err).splitlines() or [type(err).__name__])[0][:120]
+    if problem:
+        raise ValueError(f"checkpoint {path} is truncated or damaged ({problem}); resume from an earlier checkpoint")
+
+
+def _container_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        records = archive.infolist()
+        if not any(r.filename.endswith("/data.pkl") or r.filename == "data.pkl" for r in records):
+            return "no data.pkl: not a torch checkpoint"
+        for record in records:
+            if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+                return f"record {record.filename} is compressed or oversized"
+            _check_crc(archive, record)
+    return None
 
 
 def _check_crc(archive: zipfile.ZipFile, record: zipfile.ZipInfo) -> None:

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from smt.blocks import BlockGrid
-from smt.io import atomic_save_safetensors, read_safetensors
+from smt.io import atomic_save_safetensors, parse_count, parse_grids, parse_json, read_safetensors
 from smt.model import DTYPES, apply_selection, current_selection, get_bank, sparse_layers
 from smt.selection import Selection
 
 FORMAT = "smt.delta"
 FORMAT_VERSION = 1
+DELTA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what save_delta writes
 
 
 def save_delta(
@@ -79,12 +80,14 @@ def read_delta(path: str | Path) -> tuple[Selection, dict[str, torch.Tensor], di
         ValueError: missing/corrupted/truncated file, newer version, inconsistent shapes, non-finite Δ.
     """
     path = Path(path)
+    where = f"delta file {path}"
     tensors, meta = read_safetensors(path, FORMAT, FORMAT_VERSION, "delta")
-    try:
-        grids = {n: BlockGrid(*dims) for n, dims in json.loads(meta["grids"]).items()}
-        provenance = json.loads(meta.get("provenance", "{}"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"delta file {path}: metadata is damaged ({err}); re-export it") from err
+    grids = parse_grids(meta.get("grids"), where)
+    provenance = parse_json(meta.get("provenance", "{}"), where, "provenance", dict)
+    warmup_steps = parse_count(provenance.get("warmup_steps"), where, "provenance.warmup_steps")
+    budget = provenance.get("budget", {})
+    if not isinstance(budget, dict):
+        raise ValueError(f"{where}: metadata provenance.budget is not an object; re-export the delta")
     blocks, deltas = {}, {}
     for key, value in tensors.items():
         name, _, kind = key.rpartition(".")
@@ -98,9 +101,9 @@ def read_delta(path: str | Path) -> tuple[Selection, dict[str, torch.Tensor], di
     selection = Selection(
         {n: b.long() for n, b in blocks.items()},
         grids,
-        provenance.get("criterion", "manual"),
-        provenance.get("budget", {}),
-        int(provenance.get("warmup_steps", 0) or 0),
+        str(provenance.get("criterion", "manual")),
+        budget,
+        warmup_steps,
         meta.get("base_model_id") or None,
     )
     return selection, deltas, meta
@@ -117,7 +120,7 @@ def _check_module(path, name, index, delta, grid: BlockGrid) -> None:
             f"delta file {path}: {name} delta has shape {tuple(delta.shape)}, expected "
             f"{(index.shape[0], grid.block_rows, grid.block_cols)}"
         )
-    if not delta.dtype.is_floating_point or not bool(torch.isfinite(delta).all()):
+    if delta.dtype not in DELTA_DTYPES or not bool(torch.isfinite(delta).all()):
         raise ValueError(f"delta file {path}: {name} holds non-finite or non-float values; refusing to apply it")
 
 

@@ -112,3 +112,51 @@ def _check_format(metadata: dict, path: Path, fmt: str, version: int, what: str)
         raise ValueError(f"{what} file {path} has no valid format_version; re-create it") from None
     if found > version:
         raise ValueError(f"{what} file {path} has format version {found}, newer than this smt ({version}); upgrade smt")
+
+
+MAX_DIMENSION = 2**31  # a weight dimension beyond this is damage, not a model
+
+
+def parse_grids(text: str | None, where: str) -> dict:
+    """``{module: BlockGrid}`` from a file's ``grids`` metadata (JSON ``{name: [out, in, bo, bi]}``), validated.
+
+    Raises:
+        ValueError: not JSON, not an object of four positive integers per module; the message names ``where``.
+    """
+    from smt.blocks import BlockGrid
+
+    grids = parse_json(text, where, "grids", dict)
+    for name, dims in grids.items():
+        if not (isinstance(dims, list) and len(dims) == 4 and all(_is_dimension(d) for d in dims)):
+            raise ValueError(f"{where}: grid of {name!r} is {dims!r}, not four positive integers; re-create the file")
+    return {name: BlockGrid(*dims) for name, dims in grids.items()}
+
+
+def _is_dimension(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_DIMENSION
+
+
+def parse_json(text: str | None, where: str, field: str, kind: type):
+    """The JSON value of metadata ``field``, which must be a ``kind``; one-line ``ValueError`` naming ``where``."""
+    import json
+
+    if text is None:
+        raise ValueError(f"{where}: metadata has no {field!r}; the file was not written by smt")
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{where}: metadata {field!r} is not valid JSON ({err}); re-create the file") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: metadata {field!r} is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def parse_count(text, where: str, field: str) -> int:
+    """A non-negative integer metadata field (missing = 0)."""
+    try:
+        value = int(text or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: metadata {field!r}={text!r} is not an integer; re-create the file") from None
+    if value < 0:
+        raise ValueError(f"{where}: metadata {field!r}={value} is negative; re-create the file")
+    return value

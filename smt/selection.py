@@ -117,21 +117,20 @@ class Selection:
         Raises:
             ValueError: missing, truncated or corrupted file, another format, a newer version, or bad indices.
         """
-        from smt.io import read_safetensors
+        from smt.io import parse_count, parse_grids, parse_json, read_safetensors
 
+        where = f"selection file {path}"
         tensors, meta = read_safetensors(Path(path), FORMAT, FORMAT_VERSION, "selection")
-        try:
-            grids = {n: BlockGrid(*dims) for n, dims in json.loads(meta["grids"]).items()}
-            budget = json.loads(meta.get("budget", "{}"))
-            warmup = int(meta.get("warmup_steps", "0"))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"selection file {path}: metadata is damaged ({err}); re-create it with `smt select`"
-            ) from err
+        grids = parse_grids(meta.get("grids"), where)
+        budget = parse_json(meta.get("budget", "{}"), where, "budget", dict)
+        warmup = parse_count(meta.get("warmup_steps"), where, "warmup_steps")
         blocks, scores = _split_tensors(tensors, grids, path)
-        return cls(
-            blocks, grids, meta.get("criterion", ""), budget, warmup, meta.get("model_id") or None, scores or None
-        )
+        try:
+            return cls(
+                blocks, grids, meta.get("criterion", ""), budget, warmup, meta.get("model_id") or None, scores or None
+            )
+        except ValueError as err:  # bad indices: say which file holds them
+            raise ValueError(f"{where}: {err}; re-create it with `smt select`") from None
 
     def heatmap(self, path: str | Path) -> Path:
         """Draw the selected blocks per layer as a PNG (one panel per module kind); returns the path."""
@@ -157,9 +156,10 @@ def _split_tensors(tensors: dict, grids: dict, path) -> tuple[dict, dict]:
         name, _, kind = key.rpartition(".")
         if name not in grids or kind not in ("smt_index", "smt_scores"):
             raise ValueError(f"selection file {path}: unexpected entry {key!r}; it was not written by smt")
-        if kind == "smt_scores" and tuple(value.shape) != grids[name].shape:
+        if kind == "smt_scores" and (tuple(value.shape) != grids[name].shape or not value.dtype.is_floating_point):
             raise ValueError(
-                f"selection file {path}: scores of {name} have shape {tuple(value.shape)}, grid is {grids[name].shape}"
+                f"selection file {path}: scores of {name} are {tuple(value.shape)} {value.dtype}, "
+                f"expected float {grids[name].shape}"
             )
         (blocks if kind == "smt_index" else scores)[name] = value.long() if kind == "smt_index" else value
     return blocks, scores

@@ -1,14 +1,17 @@
 """Several delta files on one plain base model, switched in place (adapter hot-swap and fusion).
 
-For every targeted weight the set keeps the original values ``W0[U]`` at the union ``U`` of the positions
-any loaded delta touches. Activating deltas ``{d: w_d}`` writes, at the positions ``P`` they touch,
+For every delta and targeted weight the set keeps the flat positions ``P`` the delta touches, Δ there
+(fp32), the original values ``W0[P]`` and the merged values ``round(W0[P] + Δ[P])``, all read on ``add``.
+Activating one delta writes its merged values; deactivating writes ``W0[P]`` back. A switch is therefore
+two ``index_copy_`` per module, the cost of a scatter of the delta's size, with no arithmetic. Activating
+several deltas with weights ``{d: w_d}`` (fusion) writes, over the union of their positions,
 
     W[P] = round(W0[P] + Σ_d w_d · Δ_d[P])      (the sum in fp32, one rounding to the weight's dtype)
 
-and deactivating writes ``W[P] = W0[P]`` back. Restoring saved values, rather than subtracting Δ again
-(``W0 + Δ − Δ`` is not ``W0`` in floating point), makes A → B → A land on exactly A's bits in any dtype;
-A's own values are ``W0 + Δ_A`` rounded once, so a bf16 base differs from the fp32 reference by at most
-one bf16 rounding. A switch is two ``index_put_`` per module, the cost of a scatter of the delta's size.
+Restoring saved values, rather than subtracting Δ again (``W0 + Δ − Δ`` is not ``W0`` in floating point),
+makes A → B → A land on exactly A's bits in any dtype; A's values are ``W0 + Δ_A`` rounded once, so a
+bf16 base differs from the fp32 reference by at most one bf16 rounding. Memory: about three times the
+delta's size per loaded delta (Δ in fp32, W0 and W0 + Δ in the weight's dtype).
 
 Every delta is validated on ``add`` (file format, finiteness, module names and shapes against the base,
 base model id) before anything is stored or written.
@@ -38,10 +41,13 @@ from smt.selection import Selection
 
 @dataclass(frozen=True)
 class ModuleDelta:
-    """One delta on one weight: flat storage positions of its real (non-ragged) entries and their Δ in fp32."""
+    """One delta on one weight: flat storage positions of its real (non-ragged) entries, Δ there in fp32,
+    and, once on a model, the weight's values there without (``originals``) and with (``merged``) Δ."""
 
     positions: torch.Tensor
     values: torch.Tensor
+    originals: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
 
 
 def same_base(expected: str | None, found: str | None) -> bool:
@@ -124,9 +130,8 @@ class DeltaSet:
         self.base_model_id = base_model_id
         self.deltas: dict[str, dict[str, ModuleDelta]] = {}
         self.active: dict[str, float] = {}
-        self._originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module → (positions U, W0[U])
-        self._written: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module → (positions, where in U)
-        self._where: dict[tuple[str, str], torch.Tensor] = {}  # (delta, module) → its positions' places in U
+        self._written: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module → (positions, W0 there)
+        self._storages: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module → (weight, flat view)
 
     def add(self, name: str, path: str | Path) -> None:
         """Validate and load a delta file under ``name`` (the model's weights end as they were).
@@ -139,27 +144,26 @@ class DeltaSet:
         selection, deltas = read_delta_for(self.model, path, self.base_model_id)
         flat = module_deltas(self.model, selection, deltas)
         active = self.active
-        self.deactivate()  # W0 must be read where the active deltas may have written
+        self.deactivate()  # W0 is read where the active deltas may have written
         with torch.no_grad():
             for module, delta in flat.items():
-                self._remember_originals(module, delta.positions)
+                storage = self._storage(module)
+                originals = storage[delta.positions].clone()
+                merged = (originals.float() + delta.values).to(storage.dtype)
+                flat[module] = ModuleDelta(delta.positions, delta.values, originals, merged)
         self.deltas[name] = flat
-        self._where.clear()  # positions in the saved originals moved
         if active:
             self.activate(active)
 
-    def _remember_originals(self, module: str, positions: torch.Tensor) -> None:
-        """Extend the saved ``W0[U]`` of ``module`` to cover ``positions`` (kept sorted for searchsorted)."""
-        storage = self._storage(module)
-        known, values = self._originals.get(module, (positions[:0], storage[:0]))
-        new = torch.unique(positions[~torch.isin(positions, known)])
-        merged = torch.cat([known, new])
-        order = torch.argsort(merged)
-        self._originals[module] = (merged[order], torch.cat([values, storage[new].clone()])[order])
-
     def _storage(self, module: str) -> torch.Tensor:
+        """The flat view of ``module``'s weight storage (cached: looking modules up costs more than a switch)."""
+        cached = self._storages.get(module)
+        if cached is not None and cached[1].data_ptr() == cached[0].data_ptr():  # `.to()` re-points .data
+            return cached[1]
         weight = logical_weight(self.model.get_submodule(module))
-        return weight.view(-1) if weight.is_contiguous() else weight.t().view(-1)
+        flat = weight.view(-1) if weight.is_contiguous() else weight.t().view(-1)
+        self._storages[module] = (self.model.get_submodule(module).weight, flat)
+        return flat
 
     @torch.no_grad()
     def activate(self, which: str | dict[str, float]) -> None:
@@ -168,50 +172,36 @@ class DeltaSet:
         Raises:
             ValueError: an unknown name or a non-finite weight; nothing is changed then.
         """
-        weights = {which: 1.0} if isinstance(which, str) else dict(which)
+        weights = {which: 1.0} if isinstance(which, str) else {n: float(w) for n, w in which.items()}
         unknown = [n for n in weights if n not in self.deltas]
         if unknown:
             raise ValueError(f"DeltaSet has no delta named {unknown[0]!r}; loaded: {sorted(self.deltas)}")
-        if not all(math.isfinite(float(w)) for w in weights.values()):
+        if not all(math.isfinite(w) for w in weights.values()):
             raise ValueError(f"DeltaSet.activate weights {weights} must be finite numbers")
         self.deactivate()
         for module in {m for n in weights for m in self.deltas[n]}:
-            positions, values, where = self._combine(module, weights)
-            storage = self._storage(module)
-            originals = self._originals[module][1][where]
-            storage.index_put_((positions,), (originals.float() + values).to(storage.dtype))
-            self._written[module] = (positions, where)
+            positions, originals, values = self._combine(module, weights)
+            self._storage(module).index_copy_(0, positions, values)
+            self._written[module] = (positions, originals)
         self.active = weights
 
     def _combine(self, module: str, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(positions, Σ_d w_d · Δ_d, places in U)`` of one module over the positions the deltas touch."""
-        parts = [(n, float(w)) for n, w in weights.items() if module in self.deltas[n]]
-        if len(parts) == 1:  # the switch path: no allocation beyond the scaled values
-            name, weight = parts[0]
-            delta = self.deltas[name][module]
-            return (
-                delta.positions,
-                delta.values if weight == 1.0 else weight * delta.values,
-                self._where_of(name, module),
-            )
-        positions, inverse = torch.unique(
-            torch.cat([self.deltas[n][module].positions for n, _ in parts]), return_inverse=True
-        )
-        values = torch.zeros(len(positions), device=positions.device)
-        values.index_add_(0, inverse, torch.cat([w * self.deltas[n][module].values for n, w in parts]))
-        return positions, values, torch.searchsorted(self._originals[module][0], positions)
-
-    def _where_of(self, name: str, module: str) -> torch.Tensor:
-        key = (name, module)
-        if key not in self._where:
-            self._where[key] = torch.searchsorted(self._originals[module][0], self.deltas[name][module].positions)
-        return self._where[key]
+        """``(positions, W0 there, round(W0 + Σ_d w_d · Δ_d) there)`` of one module."""
+        parts = [(self.deltas[n][module], w) for n, w in weights.items() if module in self.deltas[n]]
+        if len(parts) == 1 and parts[0][1] == 1.0:  # the switch path: values computed on add
+            return parts[0][0].positions, parts[0][0].originals, parts[0][0].merged
+        positions, inverse = torch.unique(torch.cat([d.positions for d, _ in parts]), return_inverse=True)
+        originals = torch.empty(len(positions), dtype=parts[0][0].originals.dtype, device=positions.device)
+        originals[inverse] = torch.cat([d.originals for d, _ in parts])  # every delta saw the same W0
+        total = torch.zeros(len(positions), device=positions.device)
+        total.index_add_(0, inverse, torch.cat([w * d.values for d, w in parts]))
+        return positions, originals, (originals.float() + total).to(originals.dtype)
 
     @torch.no_grad()
     def deactivate(self) -> None:
         """Put the original base values back where the active deltas wrote (bit for bit)."""
-        for module, (positions, where) in self._written.items():
-            self._storage(module).index_put_((positions,), self._originals[module][1][where])
+        for module, (positions, originals) in self._written.items():
+            self._storage(module).index_copy_(0, positions, originals)
         self._written, self.active = {}, {}
 
 

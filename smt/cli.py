@@ -4,8 +4,10 @@
   with ``SMTLanguageModel``, ``InstructionDataModule`` and the ``SparseMatrixTuning`` callback as the
   top-level ``smt`` group (so ``--smt.*`` overrides work like ``--model.*``).
 - ``smt select --config F --out sel.safetensors``: the warm-up only; writes the selection and its heatmap.
-- ``smt export CKPT --delta out.safetensors [--merged DIR] [--dtype bfloat16]``: checkpoint → delta / merged model.
-- ``smt merge BASE DELTA... --out DIR [--weights W...]``: apply one or several deltas to a base model.
+- ``smt export CKPT [--delta out.safetensors] [--merged DIR] [--lora RANK --lora_out DIR] [--dtype bf16]``:
+  checkpoint → delta file / merged model / PEFT LoRA adapter (rank-RANK SVD of Δ, errors reported).
+- ``smt merge BASE DELTA... (OUT | --out DIR) [--weights W...] [--allow_other_base]``: apply one or several
+  deltas to a base model (weighted sum where blocks overlap); see ``docs/adapters.md``.
 
 Errors a person can fix (bad paths, fields, budgets) print one line and exit with code 2.
 """

@@ -146,6 +146,12 @@ class BlockBank(nn.Module):
             delta = delta[:, : tile_shape[0], : tile_shape[1]]
         return delta
 
+    def detached(self, slot_ids: list[int], tile_shape: tuple[int, int]) -> torch.Tensor:
+        """A ``[k, bo, bi]`` copy of the Δ of ``slot_ids`` without autograd, whole even when FSDP2 shards the slots
+        (outside a forward each slot is a ``DTensor`` shard; gathering it is a collective, so every rank must call)."""
+        delta = torch.stack([_unsharded(self.slots[s].detach()) for s in slot_ids])
+        return delta[:, : tile_shape[0], : tile_shape[1]]
+
     def blocks(self) -> dict[str, torch.Tensor]:
         """Module name → ``[k, 2]`` blocks currently mapped (the live selection)."""
         return {name: self.index_of(m).cpu() for m, name in enumerate(self.module_names) if self.slot_ids(m)}
@@ -183,3 +189,7 @@ class BlockBank(nn.Module):
         return (
             f"capacity={self.capacity}, tile={self.tile_shape}, modules={len(self.module_names)}, tuning={self.tuning}"
         )
+
+
+def _unsharded(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

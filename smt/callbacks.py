@@ -32,6 +32,9 @@ from typing_extensions import override
 from smt.config import PoolConfig, RegrowthConfig, SMTConfig
 from smt.distributed import (
     check_same_selection,
+    check_sharded_bank,
+    check_strategy,
+    shards_in_configure_model,
     summed_regrowth_state,
     summed_scorer_states,
     zeroed_regrowth_state,
@@ -154,7 +157,9 @@ class SparseMatrixTuning(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank  # before a checkpoint's state loads: only rank 0 keeps its summed scores
-        if _has_configure_model(pl_module):
+        check_strategy(trainer.strategy, self.selection_path, self.regrowth_config)
+        # Under FSDP2 the user's configure_model shards the network: the layers and the bank must exist before.
+        if _has_configure_model(pl_module) and not shards_in_configure_model(trainer.strategy):
             _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
         else:
             self._inject(trainer, pl_module, stage)
@@ -214,6 +219,7 @@ class SparseMatrixTuning(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Under FSDP/DeepSpeed the callback state may load after on_fit_start: settle the phase here.
         bank = get_bank(self.target(pl_module))
+        check_sharded_bank(self.target(pl_module), trainer.strategy)
         if bank.tuning and self.phase == "warmup":  # restored after selection
             stop_scoring(self.target(pl_module))
             self._scorers, self.phase = {}, "tuning"

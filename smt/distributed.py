@@ -78,3 +78,99 @@ def check_same_selection(fingerprint: str, all_gather: Callable[[torch.Tensor], 
             f"smt: ranks {differing} selected other blocks than rank 0 (fingerprints {fingerprints}); "
             "block scores were not reduced identically across ranks"
         )
+
+
+# --- strategies ------------------------------------------------------------------------------------------
+
+
+def shards_in_configure_model(strategy) -> bool:
+    """Whether the user's ``configure_model`` shards the network (FSDP2 through ``ModelParallelStrategy``).
+
+    smt's layers and bank must exist before that, so the callback injects in ``setup`` instead of after it.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def shard_network(network, mesh, unit_types: tuple[type, ...] = ()) -> None:
+    """FSDP2 for a network smt has injected: each module of ``unit_types`` (e.g. decoder layers) its own unit, then
+    ``network`` itself, whose unit holds ``smt_bank`` (call from ``configure_model`` under ``ModelParallelStrategy``).
+
+    Frozen and trainable parameters may share a unit here: FSDP2 shards per parameter, so frozen weights get no
+    gradient buffer (FSDP1's flat parameters would allocate one for all of them).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for module in network.modules():
+        if unit_types and isinstance(module, unit_types) and module is not network:
+            fully_shard(module, mesh=mesh)
+    fully_shard(network, mesh=mesh)
+
+
+def check_strategy(strategy, selection_path: str | None, regrowth) -> None:
+    """Refuse, at setup, a strategy under which smt would train wrongly; one line saying what to use instead.
+
+    Raises:
+        ValueError: FSDP1 (``FSDPStrategy``), tensor parallelism, DeepSpeed ZeRO-3, or DeepSpeed with a warm-up
+            or regrowth.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(
+            "smt: strategy 'fsdp' (FSDP1) is not supported: its flat parameters mix frozen weights and slots; "
+            "use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) (FSDP2), see docs/distributed.md"
+        )
+    if isinstance(strategy, ModelParallelStrategy) and strategy._tensor_parallel_size not in (1, "auto"):
+        raise ValueError(
+            f"smt: ModelParallelStrategy(tensor_parallel_size={strategy._tensor_parallel_size}) splits the weights "
+            "smt's blocks index; use tensor_parallel_size=1 (FSDP2 only)"
+        )
+    if isinstance(strategy, DeepSpeedStrategy):
+        _check_deepspeed(strategy, selection_path, regrowth)
+
+
+def _check_deepspeed(strategy, selection_path: str | None, regrowth) -> None:
+    stage = strategy.config.get("zero_optimization", {}).get("stage", 0) if strategy.config else 0
+    if stage >= 3:
+        raise ValueError(
+            "smt: DeepSpeed ZeRO-3 partitions the bank's slots, which smt's layers read outside the bank's forward; "
+            "use ZeRO stage 1 or 2, or FSDP2 (ModelParallelStrategy)"
+        )
+    if selection_path is None:
+        raise ValueError(
+            "smt: under DeepSpeed the warm-up cannot drop gradients (DeepSpeed keeps them in its own buffers); "
+            "run `smt select` on one device and pass smt.selection_path"
+        )
+    if regrowth is not None:
+        raise ValueError(
+            "smt.regrowth is not supported under DeepSpeed (slot moves would miss its fp32 partitions); "
+            "use DDP or FSDP2, or leave regrowth off"
+        )
+
+
+def check_sharded_bank(network, strategy) -> None:
+    """Under FSDP2 the bank must sit in the FSDP unit of ``network`` (the module holding it, whose ``forward``
+    encloses every tuned layer): smt's layers read the slots outside the bank's own forward, so the slots must be
+    unsharded whenever any layer runs, which is what the enclosing unit guarantees.
+
+    Raises:
+        ValueError: the bank is its own FSDP unit, or ``network`` is not an FSDP unit.
+    """
+    if not shards_in_configure_model(strategy):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    from smt.model import get_bank
+
+    if isinstance(get_bank(network), FSDPModule):
+        raise ValueError(
+            "smt: do not fully_shard(smt_bank) on its own: smt's layers read the slots outside the bank's forward; "
+            "let fully_shard of the network that holds it do it (see docs/distributed.md)"
+        )
+    if not isinstance(network, FSDPModule):
+        raise ValueError(
+            f"smt: under ModelParallelStrategy end configure_model with fully_shard({type(network).__name__}), the "
+            "network that holds smt_bank (smt.submodule), so its forward unshards the slots"
+        )

@@ -160,7 +160,7 @@ class Regrower:
             report["swapped"] += len(moved)
         self._close_window(model)
         if self.config.prune == "delta_change":
-            self.previous = torch.stack([slot.detach().clone() for slot in bank.slots])
+            self.previous = bank.detached(list(range(bank.capacity)), bank.tile_shape).clone()
         self.history.append({"step": self.step, "swapped": report["swapped"], "rate": fraction})
         return report
 
@@ -174,7 +174,7 @@ class Regrower:
         return scores
 
     def _prune_scores(self, bank, slots: list[int], tile_shape) -> torch.Tensor:
-        delta = bank.stacked(slots, tile_shape).detach().float()
+        delta = bank.detached(slots, tile_shape).float()
         if self.config.prune == "delta_change" and self.previous is not None:
             delta = delta - self.previous[slots, : tile_shape[0], : tile_shape[1]].to(delta.device).float()
         return delta.flatten(1).norm(dim=1).cpu()

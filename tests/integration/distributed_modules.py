@@ -99,8 +99,8 @@ class RecordPerRank(Callback):
         selection = self.smt.selection
         record = {
             "world_size": trainer.world_size,
-            "state": {k: v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)},
-            "map": get_bank(pl_module).map.clone(),
+            "state": {k: full(v) for k, v in pl_module.state_dict().items() if torch.is_tensor(v)},
+            "map": get_bank(self.smt.target(pl_module)).map.clone(),
             "fingerprint": None if selection is None else selection.fingerprint(),
             "scores": None if selection is None or selection.scores is None else dict(selection.scores),
             "regrowth": [] if self.smt.regrower is None else list(self.smt.regrower.history),
@@ -108,6 +108,12 @@ class RecordPerRank(Callback):
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save(record, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, unsharded copy (FSDP2 parameters are ``DTensor`` shards; gathering them is a collective)."""
+    tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return tensor.detach().clone()
 
 
 def load_records(folder: str | Path) -> list[dict]:

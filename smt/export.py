@@ -68,6 +68,12 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--lora", type=int, metavar="RANK", help="also write Δ as a rank-RANK PEFT LoRA adapter (SVD)")
     parser.add_argument("--lora_out", help="folder for the LoRA adapter (with --lora)")
     parser.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with --merged on a quantized base: re-quantize W0 + Δ to the base's format (error bound printed) "
+        "instead of saving it dequantized in bf16",
+    )
+    parser.add_argument(
         "--dtype",
         default="bfloat16",
         choices=[*DTYPE_ALIASES.values(), *DTYPE_ALIASES],
@@ -79,6 +85,8 @@ def run_export(args: list[str]) -> None:
         raise ValueError("smt export needs --delta OUT, --merged DIR and/or --lora RANK --lora_out DIR")
     if (options.lora is None) != (options.lora_out is None):
         raise ValueError("smt export: give --lora RANK and --lora_out DIR together")
+    if options.requantize and not options.merged:
+        raise ValueError("smt export --requantize needs --merged DIR (the folder the re-quantized model goes to)")
     if options.lora is not None and options.lora < 1:
         raise ValueError(f"smt export --lora {options.lora}: the rank must be at least 1")
     module = model_from_checkpoint(options.checkpoint)
@@ -86,12 +94,28 @@ def run_export(args: list[str]) -> None:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
     if options.delta:
         print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
-    if options.merged:
+    if options.lora is not None:
+        _export_lora(module, options)
+    if options.merged and options.requantize:
+        _export_requantized(module, options.merged)
+    elif options.merged:
         from smt.module import save_merged
 
         print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
-    if options.lora is not None:
-        _export_lora(module, options)
+
+
+def _export_requantized(module, folder: str) -> None:
+    """``quant(deq(Q) + Δ)`` saved in the base's format, with the re-quantization error of each layer printed."""
+    from smt.quant import save_requantized
+
+    report = save_requantized(module.model, folder)  # consumes the model: it runs last
+    module.tokenizer.save_pretrained(folder)
+    lines = [
+        f"  {name}: max |error| {err:.3g} ({100 * rel:.2f} % of max |W|), max |Δ| {d:.3g}"
+        for name, err, rel, d in report
+    ]
+    worst = max((err for _, err, _, _ in report), default=0.0)
+    print(f"re-quantized merged model written to {folder}; max |W_requant − (W0 + Δ)| = {worst:.3g}", *lines, sep="\n")
 
 
 def _export_lora(module, options) -> None:

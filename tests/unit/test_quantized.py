@@ -156,7 +156,7 @@ def test_training_leaves_the_quantized_storage_byte_identical(quantization):
         value = loss(quantized(x))
         value.backward()
         optimizer.step()
-        losses.append(float(value))
+        losses.append(value.item())
     assert losses[-1] < losses[0]
     assert all(
         optimizer.state[slot]["state1"].dtype == torch.uint8 for slot in get_bank(quantized).slots

@@ -1,5 +1,7 @@
 """The rank-agreement pieces of ``smt.distributed`` with a simulated second rank (no processes)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +39,45 @@ def test_checkpointed_scores_are_summed_but_the_live_ones_stay_this_ranks():
     assert torch.equal(scorer.total, live)
     zeroed = zeroed_scorer_states(states)["q_proj"]
     assert torch.equal(zeroed["total"], torch.zeros_like(live)) and zeroed["steps"] == states["q_proj"]["steps"]
+
+
+def test_strategies_smt_cannot_train_correctly_are_refused_in_one_line():
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from smt.config import RegrowthConfig
+    from smt.distributed import check_strategy
+
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), None, RegrowthConfig())
+    cases = [
+        (FSDPStrategy(), None, None, "FSDP1"),
+        (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), None, None, "tensor_parallel_size=2"),
+    ]
+    try:
+        cases += [
+            (DeepSpeedStrategy(stage=3), "sel.safetensors", None, "ZeRO-3"),
+            (DeepSpeedStrategy(stage=2), None, None, "smt select"),
+            (DeepSpeedStrategy(stage=2), "sel.safetensors", RegrowthConfig(), "smt.regrowth"),
+        ]
+        check_strategy(DeepSpeedStrategy(stage=2), "sel.safetensors", None)  # what DeepSpeed supports
+    except ImportError:  # deepspeed is an optional extra
+        pass
+    for strategy, selection_path, regrowth, message in cases:
+        with pytest.raises(ValueError, match=message) as caught:
+            check_strategy(strategy, selection_path, regrowth)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed"])
+def test_distributed_configs_parse_over_the_debug_config_and_show_their_command(name, capsys):
+    import yaml
+
+    from smt.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    path = repo / "configs" / "distributed" / f"{name}.yaml"
+    assert f"--config configs/distributed/{name}.yaml" in path.read_text().split("trainer:")[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(repo / "configs" / "debug.yaml"), "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"] == yaml.safe_load(path.read_text())["trainer"]["strategy"]["class_path"]

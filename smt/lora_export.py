@@ -157,25 +157,64 @@ def export_lora(
     Raises:
         ValueError: ``rank`` < 1, or the model mixes ``[in, out]`` (Conv1D) and ``[out, in]`` weights.
     """
+    _check_rank(rank)
+    base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+    base = base_copy(model) if sample_ids is not None else None
+    source = model if base is None else base
+    return write_lora(dense_deltas(model), source, folder, rank, base_model_id, dtype, sample_ids)
+
+
+def export_lora_from_file(
+    base: nn.Module,
+    delta_path: str | Path,
+    folder: str | Path,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    sample_ids: torch.Tensor | None = None,
+) -> LoraReport:
+    """``export_lora`` for a delta file on its plain base model (validated against it; ``base`` is unchanged)."""
+    from smt.deltaset import read_delta_for
+
+    _check_rank(rank)
+    read_delta_for(base, delta_path)  # another base, NaN, future version... refused before anything is written
+    base_model_id = read_delta(delta_path)[2].get("base_model_id") or None
+    return write_lora(dense_deltas_from_file(delta_path), base, folder, rank, base_model_id, dtype, sample_ids)
+
+
+def _check_rank(rank: int) -> None:
     if rank < 1:
         raise ValueError(f"--lora rank={rank} must be at least 1")
-    layers = sparse_layers(model)
-    dense = dense_deltas(model)
-    transposed = {layers[name].transposed for name in dense}
+
+
+def write_lora(
+    dense: dict[str, torch.Tensor],
+    base: nn.Module,
+    folder: str | Path,
+    rank: int,
+    base_model_id: str | None,
+    dtype: torch.dtype,
+    sample_ids: torch.Tensor | None,
+) -> LoraReport:
+    """Factor each dense Δ, write the adapter and the report (output error on ``base`` when ``sample_ids``)."""
+    transposed = {_is_transposed(base.get_submodule(name)) for name in dense}
     if len(transposed) > 1:
         raise ValueError("the delta mixes Conv1D and Linear weights; PEFT's fan_in_fan_out is one flag per adapter")
     report = LoraReport(rank)
     factors = {}
     for name, delta in dense.items():
         lora_b, lora_a, report.modules[name] = low_rank(delta, rank)
-        factors[name] = (lora_b.to(dtype).float(), lora_a.to(dtype).float())  # errors measured after storage rounding
+        factors[name] = (lora_b.to(dtype).float(), lora_a.to(dtype).float())  # output error after storage rounding
     if sample_ids is not None:
         approx = {name: lora_b @ lora_a for name, (lora_b, lora_a) in factors.items()}
-        report.output_error, report.output_max_abs = output_error(base_copy(model), dense, approx, sample_ids)
-    base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
+        report.output_error, report.output_max_abs = output_error(base, dense, approx, sample_ids)
     save_lora_adapter(folder, factors, rank, base_model_id, transposed == {True}, dtype)
     (Path(folder) / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    """GPT-2 ``Conv1D`` (wrapped or not) stores ``[in, out]``."""
+    return bool(getattr(module, "transposed", False)) or type(module).__name__ == "Conv1D"
 
 
 def base_copy(model: nn.Module) -> nn.Module:
@@ -229,7 +268,9 @@ __all__ = [
     "dense_deltas",
     "dense_deltas_from_file",
     "export_lora",
+    "export_lora_from_file",
     "low_rank",
     "output_error",
     "save_lora_adapter",
+    "write_lora",
 ]

@@ -90,3 +90,20 @@ def test_rank_below_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         export_lora(model, tmp_path / "adapter", 0)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_delta_file_on_its_base_converts_like_the_tuning_model(tmp_path):
+    from smt import save_delta
+    from smt.lora_export import export_lora_from_file
+
+    base, model = tuning_model(tiny_gpt2, CASES[1][1])
+    path = save_delta(model, tmp_path / "d.safetensors", "org/tiny", "float32")
+    ids = torch.randint(0, 128, (2, 16))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    from_file = export_lora_from_file(base, path, tmp_path / "from_file", 4, torch.float32, ids)
+    from_model = export_lora(model, tmp_path / "from_model", 4, None, torch.float32, ids)
+    assert from_file.modules == pytest.approx(from_model.modules, abs=1e-6)
+    assert from_file.output_error == pytest.approx(from_model.output_error, rel=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # the base is left as it was
+    config = json.loads((tmp_path / "from_file" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny" and config["fan_in_fan_out"] is True

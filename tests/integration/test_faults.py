@@ -136,6 +136,7 @@ def test_resumed_chain_equals_the_uninterrupted_run(ci_chain, reference):
 
 @pytest.mark.slow
 def test_five_strikes_including_regrowth_resume_to_the_uninterrupted_run(reference, train_file, tmp_path):
+    (tmp_path / "chain").mkdir()
     chain = run_chain(tmp_path / "chain", train_file, SLOW_CHAIN)
     check_strikes(chain, SLOW_CHAIN, tmp_path)
     check_equal_to_reference(chain, reference)

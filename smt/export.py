@@ -23,18 +23,9 @@ def load_checkpoint(path: str | Path) -> dict:
     Raises:
         ValueError: missing or unreadable file, or not a Lightning checkpoint of a model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist; check the path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for damaged or hostile files
-        raise ValueError(
-            f"checkpoint {path} cannot be read safely ({type(err).__name__}); is it a Lightning .ckpt?"
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {path} has no state_dict; give a Lightning checkpoint (.ckpt)")
-    return checkpoint
+    from smt.checkpoint_io import read_checkpoint  # zip CRCs and record sizes verified first (issue 10)
+
+    return read_checkpoint(path)
 
 
 def model_from_checkpoint(path: str | Path):

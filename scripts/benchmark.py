@@ -1,0 +1,437 @@
+"""SMT vs SMT + regrowth vs LoRA vs full fine-tuning on one harness: same model, data, seed, batch, length.
+
+    python scripts/benchmark.py             # CPU default: SmolLM2-135M-Instruct on an ARC-Easy slice (~25 min)
+    python scripts/benchmark.py --tiny      # smoke run in about a minute: tiny random Llama (CI runs this)
+    python scripts/benchmark.py --methods smt lora --steps 40 --task boolq --out runs/bench-boolq
+
+Every method runs in this process, one after another, from the same weights and the same batches in the
+same order. LoRA (peft) gets the same target modules and its rank is matched to SMT's trainable-parameter
+count. Each method trains ``--steps`` optimizer steps; SMT's warm-up is inside them (warm-up steps update
+nothing), so SMT makes fewer updates than the others — a handicap, never a head start.
+
+Measured per method: trainable parameters; median step time over the updating steps (the first
+``--skip`` are left out: allocator and cache warm-up); peak memory above the memory held before the
+method's model was built (CUDA: max allocated; CPU: the process's peak resident set, VmHWM, reset
+through ``/proc/self/clear_refs``); the analytic bytes of weights + gradients + AdamW state (noise
+free); the warm-up's share of the training wall time; the final validation loss; and the test accuracy
+of the most likely label (``smt.eval`` likelihood scorer). A table goes to stdout and
+``benchmark.md``; the raw numbers to ``benchmark.json``; loss curves and bars to ``benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "llm_adapters"
+SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
+TINY_MODEL = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=384)  # fmt: skip
+METHODS = ("full", "lora", "smt", "smt+regrowth")
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything the methods share. Defaults are the CPU run; ``tiny()`` is the smoke run."""
+
+    model: str | None = str(SMOLLM2)
+    model_config: dict | None = None
+    tokenizer: str | None = None
+    task: str = "ARC-Easy"
+    train_path: str = ""
+    test_path: str = ""
+    steps: int = 48
+    warmup: int = 4
+    batch_size: int = 4
+    max_length: int = 192
+    val_split: int = 48
+    limit_test: int = 160
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    block_size: int = 64
+    rank: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: {"full": 5e-5, "lora": 1e-3, "smt": 2e-3})
+    seed: int = 0
+    skip: int = 2
+    cache_dir: str | None = None
+
+    @classmethod
+    def tiny(cls) -> Setup:
+        return cls(model=None, model_config=TINY_MODEL, tokenizer="bytes", steps=16, warmup=2, batch_size=8,
+                   max_length=160, val_split=16, limit_test=16, block_size=16, rank=4,
+                   lr={"full": 2e-3, "lora": 1e-2, "smt": 2e-2})  # fmt: skip
+
+
+@dataclass
+class Result:
+    method: str
+    trainable: int = 0
+    total: int = 0
+    step_s: float = float("nan")
+    peak_mb: float = float("nan")
+    state_mb: float = float("nan")
+    warmup_share: float = 0.0
+    val_loss: float = float("nan")
+    accuracy: float = float("nan")
+    fit_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+# --- measuring --------------------------------------------------------------------------------------
+
+
+class StepClock(Callback):
+    """Wall time and loss of every training step, and whether it was an SMT warm-up step."""
+
+    def __init__(self, smt=None) -> None:
+        self.smt = smt
+        self.times: list[float] = []
+        self.losses: list[float] = []
+        self.warmup: list[bool] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.warmup.append(self.smt is not None and self.smt.phase == "warmup")
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._start)
+        self.losses.append(float(outputs["loss"]))
+
+    def median_update_step(self, skip: int) -> float:
+        updating = [t for t, w in zip(self.times, self.warmup) if not w][skip:]
+        return statistics.median(updating) if updating else float("nan")
+
+    def warmup_share(self) -> float:
+        """Warm-up time ÷ training time, from median step times: one-off costs (first-call imports, allocator
+        growth) and a neighbour's burst would otherwise land on whichever steps they happened to hit."""
+        warm = [t for t, w in zip(self.times, self.warmup) if w]
+        if not warm:
+            return 0.0
+        updating = [t for t, w in zip(self.times, self.warmup) if not w]
+        warm_s = len(warm) * statistics.median(warm)
+        return warm_s / (warm_s + len(updating) * (statistics.median(updating) if updating else 0.0))
+
+
+class PeakMemory:
+    """Peak memory above a baseline taken before the method's model exists (CUDA allocator or CPU RSS)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.baseline = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return
+        _release_free_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        self.baseline = _status_kb("VmRSS") * 1024
+
+    def peak_mb(self) -> float:
+        peak = torch.cuda.max_memory_allocated() if self.cuda else _status_kb("VmHWM") * 1024
+        return (peak - self.baseline) / 2**20
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}: CPU peak memory needs Linux")
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so one method's leftovers do not hide the next one's growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is then a little higher, never wrong
+        pass
+
+
+def state_mb(module: torch.nn.Module) -> float:
+    """Weights + gradients + AdamW moments in MB, from the parameters (the noise-free part of the peak)."""
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return (weights + 3 * trainable) / 2**20
+
+
+# --- methods ----------------------------------------------------------------------------------------
+
+
+def smt_blocks(setup: Setup, model: torch.nn.Module) -> int:
+    """SMT's block budget with as many weights as LoRA of ``setup.rank`` on the same modules."""
+    from smt.model import find_targets, linear_geometry
+
+    lora = sum(setup.rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, setup.targets).values())
+    return max(1, round(lora / setup.block_size**2))
+
+
+def build(setup: Setup, method: str):
+    """The module and callbacks of one method, from the same seed and weights."""
+    from smt.callbacks import SparseMatrixTuning
+    from smt.config import RegrowthConfig
+    from smt.module import SMTLanguageModel
+
+    seed_everything(setup.seed, verbose=False)
+    lr = setup.lr["smt" if method.startswith("smt") else method]
+    module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
+                              attn_implementation="sdpa", lr=lr, scheduler="cosine", lr_warmup_steps=2,
+                              min_lr_ratio=0.1, slim_checkpoints=False)  # fmt: skip
+    callbacks, smt = [], None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0, target_modules=setup.targets)
+        module.model = get_peft_model(module.model, config)
+    elif method.startswith("smt"):
+        regrowth = None
+        if method == "smt+regrowth":
+            every = max(4, setup.steps // 6)
+            regrowth = RegrowthConfig(every=every, accumulate=max(1, every // 4), rate=0.2, criterion="ag")
+        smt = SparseMatrixTuning(target_modules=setup.targets, block_size=setup.block_size,
+                                 num_blocks=smt_blocks(setup, module.model), warmup_steps=setup.warmup,
+                                 criterion="grad_sq", regrowth=regrowth)  # fmt: skip
+        callbacks.append(smt)
+    clock = StepClock(smt)
+    return module, [*callbacks, clock], clock
+
+
+def datamodule(setup: Setup, tokenizer):
+    from smt.data import InstructionDataModule
+
+    data = InstructionDataModule(train_path=setup.train_path, test_paths=[setup.test_path], val_split=setup.val_split,
+                                 batch_size=setup.batch_size, eval_batch_size=16, max_length=setup.max_length,
+                                 limit_train=setup.steps * setup.batch_size, limit_test=setup.limit_test,
+                                 seed=setup.seed, cache_dir=setup.cache_dir)  # fmt: skip
+    data.set_tokenizer(tokenizer)
+    return data
+
+
+def trainer(callbacks: list, steps: int = -1) -> Trainer:
+    """Fit without validation (``steps`` > 0), or validate/test (the default)."""
+    return Trainer(max_steps=steps, accelerator="auto", devices=1, precision="32-true", callbacks=callbacks,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=0 if steps > 0 else None, num_sanity_val_steps=0,
+                   inference_mode=False)  # fmt: skip
+
+
+def accuracy(metrics: dict, task: str) -> float:
+    found = [v for k, v in metrics.items() if k.startswith("test/acc_")]
+    return float(found[0]) if found else float("nan")
+
+
+def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
+    """Train one method and measure it; the model is freed before returning."""
+    memory.start()
+    module, callbacks, clock = build(setup, method)
+    data = datamodule(setup, module.tokenizer)
+    fit = trainer(callbacks, setup.steps)
+    start = time.perf_counter()
+    fit.fit(module, datamodule=data)
+    fit_s = time.perf_counter() - start
+    peak = memory.peak_mb()  # before evaluation: the peak of training
+    check = trainer([])
+    val_loss = float(check.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
+    acc = accuracy(check.test(module, datamodule=data, verbose=False)[0], setup.task)
+    result = Result(method, trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
+                    total=sum(p.numel() for p in module.parameters()), step_s=clock.median_update_step(setup.skip),
+                    peak_mb=peak, state_mb=state_mb(module), warmup_share=clock.warmup_share(), val_loss=val_loss,
+                    accuracy=acc, fit_s=fit_s, losses=clock.losses, times=clock.times)  # fmt: skip
+    del module, data, fit, check, callbacks, clock
+    gc.collect()
+    return result
+
+
+def run_base(setup: Setup) -> Result:
+    """The untuned model's validation loss and accuracy (the floor every method starts from)."""
+    from smt.module import SMTLanguageModel
+
+    seed_everything(setup.seed, verbose=False)
+    module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
+                              attn_implementation="sdpa")  # fmt: skip
+    data = datamodule(setup, module.tokenizer)
+    check = trainer([])
+    val_loss = float(check.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
+    acc = accuracy(check.test(module, datamodule=data, verbose=False)[0], setup.task)
+    total = sum(p.numel() for p in module.parameters())
+    return Result("base (untuned)", total=total, val_loss=val_loss, accuracy=acc)
+
+
+def preload() -> None:
+    """Import what the methods use before any measurement: imports would count as the first method's memory."""
+    import peft  # noqa: F401
+
+    import smt.callbacks  # noqa: F401
+    import smt.eval  # noqa: F401
+    import smt.module  # noqa: F401
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def resolve_data(setup: Setup, out: Path) -> str:
+    """Point the setup at ``../shared/data`` when it is there, else at a generated task; say which."""
+    folder = DATA / setup.task
+    if (folder / "train.json").is_file() and (folder / "test.json").is_file():
+        setup.train_path, setup.test_path = str(folder / "train.json"), str(folder / "test.json")
+        return f"{setup.task} from {folder}"
+    from quickstart import write_generated_task  # the quickstart's true/false task, in BoolQ's format
+
+    setup.task = "boolq"
+    generated = write_generated_task(out / "generated" / "boolq")
+    setup.train_path, setup.test_path = str(generated / "train.json"), str(generated / "test.json")
+    return f"no {folder}: a generated true/false task in BoolQ's format, written to {generated}"
+
+
+# --- reporting --------------------------------------------------------------------------------------
+
+
+def _ratio(value: float, reference: Result | None, key: str) -> str:
+    if reference is None or reference.method == "" or not (getattr(reference, key) > 0):
+        return "–"
+    return f"{value / getattr(reference, key):.2f}"
+
+
+def table(results: list[Result]) -> str:
+    """Markdown table; ratios are against full FT and LoRA measured in the same run."""
+    by_name = {r.method: r for r in results}
+    full, lora = by_name.get("full"), by_name.get("lora")
+    lines = [
+        "| method | trainable params | % of model | median step s | × full FT | × LoRA | peak MB | × full FT | "
+        "× LoRA | weights+grads+AdamW MB | warm-up share | val loss | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if not r.trainable:
+            lines.append(f"| {r.method} | 0 | 0 | – | – | – | – | – | – | – | – | {r.val_loss:.4f} | "
+                         f"{100 * r.accuracy:.1f} % |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {r.method} | {r.trainable:,} | {100 * r.trainable / r.total:.3f} | {r.step_s:.3f} | "
+            f"{_ratio(r.step_s, full, 'step_s')} | {_ratio(r.step_s, lora, 'step_s')} | {r.peak_mb:.0f} | "
+            f"{_ratio(r.peak_mb, full, 'peak_mb')} | {_ratio(r.peak_mb, lora, 'peak_mb')} | {r.state_mb:.0f} | "
+            f"{100 * r.warmup_share:.1f} % | {r.val_loss:.4f} | {100 * r.accuracy:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in results if r.trainable]
+    fig, (curves, steps, memory) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in trained:
+        window = max(1, len(r.losses) // 12)
+        smooth = [statistics.mean(r.losses[max(0, i - window + 1) : i + 1]) for i in range(len(r.losses))]
+        curves.plot(range(1, len(smooth) + 1), smooth, label=r.method, linewidth=1.2)
+    curves.set(xlabel="optimizer step", ylabel=f"train loss (moving mean of {window})", title="training loss")
+    curves.legend()
+    names = [r.method for r in trained]
+    steps.bar(names, [r.step_s for r in trained], color="tab:blue")
+    steps.set(ylabel="median step s", title="step time")
+    memory.bar(names, [r.peak_mb for r in trained], color="tab:orange", label="peak")
+    memory.bar(names, [r.state_mb for r in trained], color="tab:gray", alpha=0.6, label="weights+grads+AdamW")
+    memory.set(ylabel="MB above baseline", title="peak memory")
+    memory.legend()
+    for axis in (steps, memory):
+        axis.tick_params(axis="x", rotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def describe(setup: Setup, data: str) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    model = setup.model or f"random Llama {setup.model_config['hidden_size']}×{setup.model_config['num_hidden_layers']}"
+    return (f"{model} · {data} · {device} · torch {torch.__version__} · {platform.machine()} · steps {setup.steps} "
+            f"(SMT warm-up {setup.warmup} inside) · batch {setup.batch_size} × ≤{setup.max_length} tokens · "
+            f"targets {','.join(setup.targets)} · LoRA rank {setup.rank} vs SMT {setup.block_size}² blocks · "
+            f"lr {setup.lr} · seed {setup.seed} · load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random Llama, about a minute")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    parser.add_argument("--model", help="model folder (save_pretrained layout); default SmolLM2-135M-Instruct")
+    parser.add_argument("--task", help="LLM-Adapters task folder under ../shared/data/llm_adapters")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (SMT's warm-up included)")
+    parser.add_argument("--warmup", type=int, help="SMT warm-up steps")
+    parser.add_argument("--batch-size", type=int, help="training batch size")
+    parser.add_argument("--max-length", type=int, help="longest sequence in tokens")
+    parser.add_argument("--limit-test", type=int, help="test questions scored per method")
+    parser.add_argument("--rank", type=int, help="LoRA rank; SMT gets as many trainable weights")
+    parser.add_argument("--seed", type=int, help="seed of weights init, data order and selection ties")
+    parser.add_argument("--no-base", action="store_true", help="skip evaluating the untuned model")
+    parser.add_argument("--out", default="runs/benchmark", help="folder for benchmark.{md,json,png}")
+    args = parser.parse_args(argv)
+    setup = Setup.tiny() if args.tiny else Setup()
+    for name in ("model", "task", "steps", "warmup", "batch_size", "max_length", "limit_test", "rank", "seed"):
+        if getattr(args, name) is not None:
+            setattr(setup, name, getattr(args, name))
+    if setup.warmup >= setup.steps:
+        parser.error(f"--warmup {setup.warmup} must be below --steps {setup.steps}: SMT would never update")
+    return setup, args
+
+
+def main(argv: list[str]) -> int:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    setup, args = parse(argv)
+    if setup.model and not Path(setup.model).is_dir():
+        from smt.pretrained import prepare_smollm2
+
+        try:
+            setup.model = str(prepare_smollm2(SMOLLM2)[0])
+        except FileNotFoundError as err:
+            print(f"benchmark: error: {err}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = resolve_data(setup, out)
+    setup.cache_dir = str(out / "cache")  # tokenized once, memory-mapped by every later method
+    preload()
+    torch.set_float32_matmul_precision("high")
+    memory = PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    header = describe(setup, data)
+    print(header, flush=True)
+    results = [] if args.no_base else [run_base(setup)]
+    for method in args.methods:
+        results.append(run_method(setup, method, memory))
+        print(f"{method}: {results[-1].fit_s:.0f} s, val loss {results[-1].val_loss:.4f}", flush=True)
+    report = f"{header}\n\n{table(results)}\n"
+    print("\n" + report)
+    (out / "benchmark.md").write_text(report)
+    (out / "benchmark.json").write_text(json.dumps({"setup": asdict(setup), "results": [asdict(r) for r in results]}))
+    plot(results, out / "benchmark.png", f"{Path(setup.model).name if setup.model else 'tiny Llama'} · {setup.task}")
+    print(f"wrote {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,7 @@ from smt.delta import read_delta
 from smt.io import atomic_save_safetensors
 from smt.selection import Selection
 
-FUZZ_EXAMPLES = int(os.environ.get("SMT_FUZZ_EXAMPLES", "60"))
+FUZZ_EXAMPLES = int(os.environ.get("SMT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 GRIDS = {"layers.0.q": BlockGrid(8, 8, 4, 4), "layers.0.v": BlockGrid(8, 6, 4, 4)}
 

@@ -35,6 +35,12 @@ def gather_columns(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return x.index_select(1, columns[: plan.saved_columns])
 
 
+def _take(m: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``m[:, index]`` for a ``[k, n]`` index as ``[T, k, n]``: one ``index_select`` (advanced indexing with a 2-D
+    index goes through the generic gather kernel, measured ~7× slower on CPU)."""
+    return m.index_select(1, index.reshape(-1)).view(m.shape[0], *index.shape)
+
+
 def _chunks(count: int, per_item_bytes: int) -> range:
     step = max(1, CHUNK_BYTES // max(per_item_bytes, 1))
     return range(0, count, step), step
@@ -56,8 +62,8 @@ def block_weight_grad(dy: torch.Tensor, x_cols: torch.Tensor, plan: BlockPlan) -
     starts, step = _chunks(k, tokens * (bo + bi) * 4)
     for s in starts:
         e = min(s + step, k)
-        g = dy[:, rows[s:e]].float().permute(1, 2, 0)  # [kc, bo, T]
-        xs = x_cols[:, cols[s:e]].float().permute(1, 0, 2)  # [kc, T, bi]
+        g = _take(dy, rows[s:e]).float().permute(1, 2, 0)  # [kc, bo, T]
+        xs = _take(x_cols, cols[s:e]).float().permute(1, 0, 2)  # [kc, T, bi]
         out[s:e] = torch.bmm(g, xs)
     return out * (row_valid[:, :, None] & col_valid[:, None, :])
 
@@ -109,7 +115,7 @@ def _block_matmul_into(src, src_index, src_valid, delta, out_index, out_valid, o
     starts, step = _chunks(delta.shape[0], tokens * (src_index.shape[1] + out_index.shape[1]) * 4)
     for s in starts:
         e = min(s + step, delta.shape[0])
-        gathered = (src[:, src_index[s:e]] * src_valid[s:e]).to(delta.dtype).permute(1, 0, 2)  # [kc, T, src]
+        gathered = (_take(src, src_index[s:e]) * src_valid[s:e]).to(delta.dtype).permute(1, 0, 2)  # [kc, T, src]
         part = torch.bmm(gathered, delta[s:e]) * out_valid[s:e, None, :]  # [kc, T, out]
         out.index_add_(1, out_index[s:e].reshape(-1), part.permute(1, 0, 2).reshape(tokens, -1).to(out.dtype))
     return out
@@ -122,8 +128,12 @@ def materialize(weight: torch.Tensor, delta: torch.Tensor, plan: BlockPlan) -> t
     """
     result = weight.clone(memory_format=torch.contiguous_format)
     if plan.full.numel():
-        rows, cols = plan.full_rows[:, :, None], plan.full_cols[:, None, :]
-        result[rows, cols] = (result[rows, cols].float() + delta[plan.full].float()).to(result.dtype)
+        # Flat offsets into the contiguous copy: index_select/index_copy_ on them are ~14× faster on CPU than
+        # the 2-D advanced-index read-modify-write, and this runs in every training forward.
+        flat = result.view(-1)
+        offsets = (plan.full_rows[:, :, None] * result.shape[1] + plan.full_cols[:, None, :]).reshape(-1)
+        tiles = flat.index_select(0, offsets).float() + delta[plan.full].float().reshape(-1)
+        flat.index_copy_(0, offsets, tiles.to(result.dtype))
     for position, r0, r1, c0, c1 in plan.ragged:
         tile = result[r0:r1, c0:c1]
         tile.copy_(tile.float() + delta[position, : r1 - r0, : c1 - c0].float())

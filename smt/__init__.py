@@ -23,14 +23,22 @@ _EXPORTS = {
     "merge_delta": "smt.model",
     "trainable_summary": "smt.model",
     "SparseMatrixTuning": "smt.callbacks",
+    "DeltaSet": "smt.deltaset",
+    "export_lora": "smt.lora_export",
+    "NonFiniteGuard": "smt.guards",
+    "AtomicCheckpointIO": "smt.checkpoint_io",
 }
 
 __all__ = [
+    "AtomicCheckpointIO",
     "BlockGrid",
+    "DeltaSet",
+    "NonFiniteGuard",
     "SMTConfig",
     "Selection",
     "SparseMatrixTuning",
     "apply_selection",
+    "export_lora",
     "inject",
     "load_delta",
     "merge_delta",
@@ -43,8 +51,12 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from smt.blocks import BlockGrid
     from smt.callbacks import SparseMatrixTuning
+    from smt.checkpoint_io import AtomicCheckpointIO
     from smt.config import SMTConfig
     from smt.delta import load_delta, read_delta, save_delta
+    from smt.deltaset import DeltaSet
+    from smt.guards import NonFiniteGuard
+    from smt.lora_export import export_lora
     from smt.model import apply_selection, inject, merge_delta, trainable_summary
     from smt.selection import Selection, select_top_k
 

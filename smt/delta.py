@@ -43,6 +43,17 @@ def save_delta(
     Returns:
         The path written.
     """
+    tensors, metadata = delta_state(model, base_model_id, dtype)
+    return atomic_save_safetensors(tensors, Path(path), metadata)
+
+
+def delta_state(
+    model: nn.Module, base_model_id: str | None = None, dtype: torch.dtype | str = torch.bfloat16
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a delta file, not yet written.
+
+    Under FSDP2 the slots are shards and gathering them is a collective: every rank calls this, one writes.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"save_delta dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -54,7 +65,7 @@ def save_delta(
         ids = layer.slot_ids()
         if not ids:
             continue
-        delta = bank.stacked(ids, layer.grid.tile_shape).detach() * layer.grid.tile_mask(layer.plan().index)
+        delta = bank.detached(ids, layer.grid.tile_shape) * layer.grid.tile_mask(layer.plan().index)
         tensors[f"{name}.smt_index"] = layer.plan().index.to(torch.int32)
         tensors[f"{name}.smt_delta"] = delta.to(dtype)
     base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -68,7 +79,7 @@ def save_delta(
         "dtype": str(dtype).removeprefix("torch."),
         "provenance": json.dumps(bank.provenance, default=str),
     }
-    return atomic_save_safetensors(tensors, Path(path), metadata)
+    return tensors, metadata
 
 
 def read_delta(path: str | Path) -> tuple[Selection, dict[str, torch.Tensor], dict[str, str]]:

@@ -96,7 +96,9 @@ class NonFiniteGuard(Callback):
         if not _scaler_enabled(trainer):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads:
-                finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all().to(device)
+                # FSDP2 gradients are DTensors: each rank checks its own shard; the sum below covers them all.
+                local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+                finite = finite & torch.stack([torch.isfinite(g).all() for g in local]).all().to(device)
         bad = (~finite).float()
         return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0
 

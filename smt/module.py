@@ -192,6 +192,24 @@ class SMTLanguageModel(LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._test_tracker = None
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard each decoder layer as its own unit, then the whole model.
+
+        smt injects in ``setup``, before this runs, so the bank and the wrapped layers exist when sharding; the
+        decoder-layer classes come from the model's own ``_no_split_modules``.
+        """
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from smt.distributed import shard_network
+
+        if isinstance(self.model, FSDPModule):  # already sharded (configure_model runs once per trainer entry)
+            return
+        names = set(getattr(self.model, "_no_split_modules", None) or ())
+        units = tuple({type(m) for m in self.model.modules() if type(m).__name__ in names})
+        shard_network(self.model, self.device_mesh["data_parallel"], units)
+
     def smt_target(self) -> torch.nn.Module:
         """The network the SMT callback tunes: the transformers model, so deltas carry its module names."""
         return self.model
@@ -202,7 +220,12 @@ class SMTLanguageModel(LightningModule):
         return self.model(**batch, use_cache=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(**_model_inputs(batch)).loss
+        from smt.loss import labelled_positions_loss
+
+        # Logits only where a label is (the prompt is masked): less memory and compute, same loss.
+        loss = labelled_positions_loss(self.model, _model_inputs(batch))
+        if loss is None:  # an architecture with a non-plain head: the model's own loss
+            loss = self(**_model_inputs(batch)).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -310,17 +333,23 @@ class SMTLanguageModel(LightningModule):
 
     def on_fit_end(self) -> None:
         bank = get_bank(self.model)
-        if not self.trainer.is_global_zero or bank is None:
+        sharded = self.device_mesh is not None  # FSDP2: gathering slots is a collective, every rank takes part
+        if not (self.trainer.is_global_zero or sharded) or bank is None:
             return
         if not bank.tuning:
             rank_zero_info("smt: fit ended inside the warm-up (no selection yet): no delta or merged model written")
             return
         if self.hparams.delta_path:
-            from smt.delta import save_delta
+            from smt.delta import delta_state
+            from smt.io import atomic_save_safetensors
 
-            path = save_delta(self.model, self.hparams.delta_path, base_model_id=self.hparams.model)
-            rank_zero_info(f"smt: delta written to {path}")
-        if self.hparams.merged_dir:
+            tensors, metadata = delta_state(self.model, base_model_id=self.hparams.model)
+            if self.trainer.is_global_zero:
+                path = atomic_save_safetensors(tensors, Path(self.hparams.delta_path), metadata)
+                rank_zero_info(f"smt: delta written to {path}")
+        if self.hparams.merged_dir and sharded:
+            rank_zero_info("smt: merged_dir is not written under FSDP2; apply the delta with `smt merge` instead")
+        elif self.hparams.merged_dir and self.trainer.is_global_zero:
             save_merged(self.model, self.tokenizer, self.hparams.merged_dir)
             rank_zero_info(f"smt: merged model written to {self.hparams.merged_dir}")
 

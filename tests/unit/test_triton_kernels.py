@@ -37,6 +37,7 @@ def ops():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("these tests run Triton on CPU tensors: they need TRITON_INTERPRET=1 set before triton is imported")
+
     # By module path: the package re-exports the op ``block_scores``, which shadows its submodule's name.
     def module(name):
         return importlib.import_module(f"smt.kernels.triton.{name}")

@@ -386,6 +386,9 @@ def _load_selection(path: str) -> Selection:
 def _has_configure_model(pl_module: LightningModule) -> bool:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
+    # A module that builds its network in __init__ (SMTLanguageModel) only shards in configure_model: inject now.
+    if getattr(pl_module, "smt_builds_network_in_init", False):
+        return False
     return is_overridden("configure_model", pl_module)
 
 

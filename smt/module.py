@@ -192,6 +192,9 @@ class SMTLanguageModel(LightningModule):
         self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         self._test_tracker = None
 
+    smt_builds_network_in_init = True
+    """The model exists after ``__init__``: the SMT callback injects in ``setup``, not after ``configure_model``."""
+
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2): shard each decoder layer as its own unit, then the whole model.
 

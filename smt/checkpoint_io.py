@@ -136,8 +136,11 @@ class PreemptionCheckpoint(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        flag = torch.tensor(float(getattr(trainer, "received_sigterm", False)), device=pl_module.device)
-        if float(trainer.strategy.reduce(flag, reduce_op="sum")) == 0.0:
+        received = bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:  # all ranks stop together; on one device no tensor, no host sync per step
+            flag = torch.tensor(float(received), device=pl_module.device)
+            received = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0.0
+        if not received:
             return
         self.saved_path = checkpoint_folder(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
         trainer.save_checkpoint(self.saved_path)

@@ -388,6 +388,8 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--limit-test", type=int, help="test questions scored per method")
     parser.add_argument("--rank", type=int, help="LoRA rank; SMT gets as many trainable weights")
     parser.add_argument("--seed", type=int, help="seed of weights init, data order and selection ties")
+    parser.add_argument("--lr", nargs=2, action="append", metavar=("KIND", "LR"), default=[],
+                        help="learning rate of full, lora or smt, e.g. --lr smt 1e-3 (repeatable)")  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="skip evaluating the untuned model")
     parser.add_argument("--out", default="runs/benchmark", help="folder for benchmark.{md,json,png}")
     args = parser.parse_args(argv)
@@ -395,6 +397,10 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     for name in ("model", "task", "steps", "warmup", "batch_size", "max_length", "limit_test", "rank", "seed"):
         if getattr(args, name) is not None:
             setattr(setup, name, getattr(args, name))
+    for kind, value in args.lr:
+        if kind not in setup.lr:
+            parser.error(f"--lr {kind}: the method kinds are {', '.join(setup.lr)}")
+        setup.lr[kind] = float(value)
     if setup.warmup >= setup.steps:
         parser.error(f"--warmup {setup.warmup} must be below --steps {setup.steps}: SMT would never update")
     return setup, args

@@ -69,6 +69,7 @@ class Setup:
     seed: int = 0
     skip: int = 2
     cache_dir: str | None = None
+    gradient_checkpointing: bool = False
 
     @classmethod
     def tiny(cls) -> Setup:
@@ -196,7 +197,8 @@ def build(setup: Setup, method: str):
     lr = setup.lr["smt" if method.startswith("smt") else method]
     module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
                               attn_implementation="sdpa", lr=lr, scheduler="cosine", lr_warmup_steps=2,
-                              min_lr_ratio=0.1, slim_checkpoints=False)  # fmt: skip
+                              min_lr_ratio=0.1, slim_checkpoints=False,
+                              gradient_checkpointing=setup.gradient_checkpointing)  # fmt: skip
     callbacks, smt = [], None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -369,7 +371,8 @@ def describe(setup: Setup, data: str) -> str:
     return (f"{model} · {data} · {device} · torch {torch.__version__} · {platform.machine()} · steps {setup.steps} "
             f"(SMT warm-up {setup.warmup} inside) · batch {setup.batch_size} × ≤{setup.max_length} tokens · "
             f"targets {','.join(setup.targets)} · LoRA rank {setup.rank} vs SMT {setup.block_size}² blocks · "
-            f"lr {setup.lr} · seed {setup.seed} · load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+            f"lr {setup.lr} · seed {setup.seed} · gradient checkpointing {setup.gradient_checkpointing} · "
+            f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -390,6 +393,8 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--seed", type=int, help="seed of weights init, data order and selection ties")
     parser.add_argument("--lr", nargs=2, action="append", metavar=("KIND", "LR"), default=[],
                         help="learning rate of full, lora or smt, e.g. --lr smt 1e-3 (repeatable)")  # fmt: skip
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward, every method (less memory, more time)")  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="skip evaluating the untuned model")
     parser.add_argument("--out", default="runs/benchmark", help="folder for benchmark.{md,json,png}")
     args = parser.parse_args(argv)
@@ -397,6 +402,7 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     for name in ("model", "task", "steps", "warmup", "batch_size", "max_length", "limit_test", "rank", "seed"):
         if getattr(args, name) is not None:
             setattr(setup, name, getattr(args, name))
+    setup.gradient_checkpointing = args.gradient_checkpointing
     for kind, value in args.lr:
         if kind not in setup.lr:
             parser.error(f"--lr {kind}: the method kinds are {', '.join(setup.lr)}")

@@ -237,9 +237,13 @@ def trainer(callbacks: list, steps: int = -1) -> Trainer:
                    inference_mode=False)  # fmt: skip
 
 
-def accuracy(metrics: dict, task: str) -> float:
+def evaluate(module, data) -> tuple[float, float]:
+    """Validation loss and test accuracy (most likely label) of ``module`` as it is now."""
+    check = trainer([])
+    val_loss = float(check.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
+    metrics = check.test(module, datamodule=data, verbose=False)[0]
     found = [v for k, v in metrics.items() if k.startswith("test/acc_")]
-    return float(found[0]) if found else float("nan")
+    return val_loss, float(found[0]) if found else float("nan")
 
 
 def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
@@ -252,14 +256,12 @@ def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
     fit.fit(module, datamodule=data)
     fit_s = time.perf_counter() - start
     peak = memory.peak_mb()  # before evaluation: the peak of training
-    check = trainer([])
-    val_loss = float(check.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
-    acc = accuracy(check.test(module, datamodule=data, verbose=False)[0], setup.task)
+    val_loss, acc = evaluate(module, data)
     result = Result(method, trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
                     total=sum(p.numel() for p in module.parameters()), step_s=clock.median_update_step(setup.skip),
                     peak_mb=peak, state_mb=state_mb(module), warmup_share=clock.warmup_share(), val_loss=val_loss,
                     accuracy=acc, fit_s=fit_s, losses=clock.losses, times=clock.times)  # fmt: skip
-    del module, data, fit, check, callbacks, clock
+    del module, data, fit, callbacks, clock
     gc.collect()
     return result
 
@@ -271,10 +273,7 @@ def run_base(setup: Setup) -> Result:
     seed_everything(setup.seed, verbose=False)
     module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
                               attn_implementation="sdpa")  # fmt: skip
-    data = datamodule(setup, module.tokenizer)
-    check = trainer([])
-    val_loss = float(check.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
-    acc = accuracy(check.test(module, datamodule=data, verbose=False)[0], setup.task)
+    val_loss, acc = evaluate(module, datamodule(setup, module.tokenizer))
     total = sum(p.numel() for p in module.parameters())
     return Result("base (untuned)", total=total, val_loss=val_loss, accuracy=acc)
 
@@ -309,7 +308,7 @@ def resolve_data(setup: Setup, out: Path) -> str:
 
 
 def _ratio(value: float, reference: Result | None, key: str) -> str:
-    if reference is None or reference.method == "" or not (getattr(reference, key) > 0):
+    if reference is None or not getattr(reference, key) > 0:
         return "–"
     return f"{value / getattr(reference, key):.2f}"
 

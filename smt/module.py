@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.data import IGNORE_INDEX
+from smt.loss import labelled_positions_loss
 from smt.model import get_bank, merged, plain_state_dict
 from smt.quant import (
     OPTIMIZERS,
@@ -223,8 +224,6 @@ class SMTLanguageModel(LightningModule):
         return self.model(**batch, use_cache=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from smt.loss import labelled_positions_loss
-
         # Logits only where a label is (the prompt is masked): less memory and compute, same loss.
         loss = labelled_positions_loss(self.model, _model_inputs(batch))
         if loss is None:  # an architecture with a non-plain head: the model's own loss

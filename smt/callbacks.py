@@ -40,6 +40,7 @@ from smt.distributed import (
     zeroed_regrowth_state,
     zeroed_scorer_states,
 )
+from smt.guards import drop_gradients, scaler_enabled
 from smt.model import (
     apply_selection,
     current_selection,
@@ -260,7 +261,7 @@ class SparseMatrixTuning(Callback):
         if self.phase != "warmup":
             return
         # Lightning unscaled (and recorded GradScaler's inf check) before this hook, so None is safe under fp16.
-        _drop_gradients(optimizer)
+        drop_gradients(optimizer)
         accept = _finite_everywhere(trainer, self._scorers.values(), pl_module)
         for scorer in self._scorers.values():
             scorer.commit(accept)
@@ -404,13 +405,6 @@ def _run_after_configure_model(pl_module: LightningModule, then) -> None:
     pl_module.configure_model = configure_model
 
 
-def _drop_gradients(optimizer) -> None:
-    """Remove every gradient before the optimizer step: no update, no optimizer state."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
 def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) -> bool:
     """One decision per optimizer step, the same for every module and every rank: were all taps finite?"""
     device = pl_module.device
@@ -420,5 +414,4 @@ def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) ->
 
 
 def _loss_scale(trainer: Trainer) -> float:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    return float(trainer.precision_plugin.scaler.get_scale()) if scaler_enabled(trainer) else 1.0

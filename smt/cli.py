@@ -41,7 +41,7 @@ class SMTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given."""
-        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        plugins = kwargs.pop("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
         return super().instantiate_trainer(**kwargs, plugins=with_atomic_checkpoint_io(plugins))
 
     def _parse_ckpt_path(self) -> None:

@@ -45,10 +45,10 @@ from torch.utils.data import DataLoader
 
 from smt.eval.extract import gsm8k_reference
 from smt.eval.tasks import detect_task, get_task, task_names
+from smt.loss import IGNORE_INDEX
 from smt.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
 from smt.resume_loader import ResumableLoader
 
-IGNORE_INDEX = -100
 """Label value the loss ignores (prompt and padding positions)."""
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")

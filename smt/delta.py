@@ -26,7 +26,6 @@ from smt.selection import Selection
 
 FORMAT = "smt.delta"
 FORMAT_VERSION = 1
-DELTA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what save_delta writes
 
 
 def save_delta(
@@ -131,7 +130,7 @@ def _check_module(path, name, index, delta, grid: BlockGrid) -> None:
             f"delta file {path}: {name} delta has shape {tuple(delta.shape)}, expected "
             f"{(index.shape[0], grid.block_rows, grid.block_cols)}"
         )
-    if delta.dtype not in DELTA_DTYPES or not bool(torch.isfinite(delta).all()):
+    if delta.dtype not in DTYPES.values() or not bool(torch.isfinite(delta).all()):
         raise ValueError(f"delta file {path}: {name} holds non-finite or non-float values; refusing to apply it")
 
 

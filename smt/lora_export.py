@@ -27,6 +27,7 @@ from torch import nn
 
 from smt.delta import read_delta
 from smt.model import BANK_NAME, logical_weight, sparse_layers
+from smt.quant import is_quantized
 
 REPORT_NAME = "smt_lora_report.json"
 
@@ -149,7 +150,8 @@ def export_lora(
         rank: LoRA rank r ≥ 1.
         base_model_id: stored as ``base_model_name_or_path``; default ``model.config._name_or_path``.
         dtype: storage dtype of ``lora_A``/``lora_B``.
-        sample_ids: token ids ``[batch, seq]`` for the output error (skipped when None).
+        sample_ids: token ids ``[batch, seq]`` for the output error (skipped when None, and on a quantized base:
+            measuring it writes ``W + Δ`` into the weights, which packed 4-/8-bit storage cannot hold).
 
     Returns:
         The report, also written to ``folder/smt_lora_report.json``.
@@ -158,6 +160,8 @@ def export_lora(
         ValueError: ``rank`` < 1, or the model mixes ``[in, out]`` (Conv1D) and ``[out, in]`` weights.
     """
     _check_rank(rank)
+    if sample_ids is not None and any(is_quantized(layer.base) for layer in sparse_layers(model).values()):
+        sample_ids = None
     base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
     base = base_copy(model) if sample_ids is not None else None
     source = model if base is None else base

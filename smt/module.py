@@ -225,9 +225,10 @@ class SMTLanguageModel(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Logits only where a label is (the prompt is masked): less memory and compute, same loss.
-        loss = labelled_positions_loss(self.model, _model_inputs(batch))
+        inputs = _model_inputs(batch)
+        loss = labelled_positions_loss(self.model, inputs)
         if loss is None:  # an architecture with a non-plain head: the model's own loss
-            loss = self(**_model_inputs(batch)).loss
+            loss = self(**inputs).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

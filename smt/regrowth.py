@@ -160,7 +160,7 @@ class Regrower:
             report["swapped"] += len(moved)
         self._close_window(model)
         if self.config.prune == "delta_change":
-            self.previous = bank.detached(list(range(bank.capacity)), bank.tile_shape).clone()
+            self.previous = bank.detached(list(range(bank.capacity)), bank.tile_shape)  # a fresh stack
         self.history.append({"step": self.step, "swapped": report["swapped"], "rate": fraction})
         return report
 

@@ -20,6 +20,7 @@ from smt.bank import BlockBank
 from smt.blocks import BlockGrid, resolve_block_size
 from smt.config import SMTConfig
 from smt.layer import SparseBlockLinear
+from smt.quant import keep_trainable
 from smt.scoring import BlockScorer
 from smt.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
 
@@ -139,6 +140,7 @@ def inject(
     bank = BlockBank(list(grids), shapes, blocks, tile, k, DTYPES[config.delta_dtype], device)
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_trainable(model)  # bitsandbytes' CPU inference repacking would cut every gradient through the base
     for position, (name, layer) in enumerate(layers.items()):
         layer.attach(bank, position)
         _set_submodule(model, name, layer)

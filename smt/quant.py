@@ -148,6 +148,34 @@ def _tied_parameter_ids(model: nn.Module) -> set[int]:
     return {key for key, count in seen.items() if count > 1}
 
 
+# --- training through quantized layers --------------------------------------------------------------------
+
+
+def keep_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference, and undo any repacking done already.
+
+    On CPUs with AVX512-BF16, bitsandbytes (≥ 0.48) rewrites a ``Linear4bit`` weight *in place* into a packed
+    layout on its first eval-mode forward with an input that needs no gradient — a validation pass. From then on
+    every forward runs ``gemv_4bit``, which has no backward: the gradient through that layer is silently zero, so
+    nothing below it learns (and the warm-up scores nothing). Any model SMT trains must opt out of it.
+
+    Returns:
+        How many layers had already been repacked and were restored to the trainable layout.
+    """
+    restored = 0
+    for layer in model.modules():
+        if type(layer).__name__ != "Linear4bit" or not is_quantized(layer):
+            continue
+        layer.support_avx512bf16_for_cpu = False  # the switch bitsandbytes reads before repacking
+        state = getattr(layer.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+            restored += 1
+    return restored
+
+
 # --- state dicts ------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from smt.kernels import KERNEL_CHOICES
 
-CRITERIA = ("grad_sq", "grad_mean_abs", "grad_abs_mean", "grad_l1", "weight_abs_mean", "random")
+CRITERIA = (
+    "grad_sq", "grad_mean_abs", "grad_abs_mean", "grad_l1", "weight_abs_mean", "random", "grad_snr", "grad_sq_xnorm"
+)  # fmt: skip
 FORWARD_MODES = ("auto", "materialize", "additive")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DENSITY = 0.01

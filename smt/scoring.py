@@ -13,7 +13,18 @@ criterion           score of block b (n_b = its real size)      state kept per m
 ``grad_abs_mean``   Σ|Σ_mb G_mb[b]| / n_b    (SMT's README)     ``[out, in]`` fp32 (exact)
 ``weight_abs_mean`` Σ|W[b]| / n_b                               none
 ``random``          uniform, seeded by (seed, module name)      none
+``grad_snr``        Σ_mb mean_{i∈b} |G_mb,i| / √(Σ_t G_t,i²)    ``[n_rb, n_cb]``
+``grad_sq_xnorm``   Σ_mb ‖G_mb[b]‖² / Σ_mb Σ_t ‖x_t[cols_b]‖²   ``[2, n_rb, n_cb]``
 ==================  ==========================================  ===============================
+
+``G_t = g_tᵀx_t`` is one token's gradient. ``grad_snr`` is the mean per-element signal-to-noise ratio of the
+tokens' gradients, ``|Σ_t G_t| / √(Σ_t G_t²)``: ~1 when the tokens disagree in sign, up to √T when they agree.
+It is what an Adam-like optimiser can use (a consistent direction), and unlike ``grad_sq`` it does not grow
+with the input's scale: scaling an input column or an output row by c leaves it unchanged, so outlier
+activation channels (a few input features carrying most of the energy in LLMs) do not take the whole budget.
+``grad_sq_xnorm`` divides ``grad_sq`` by the energy of the input columns the block reads, removing that one
+factor only. Both are memory-light (block-sized state; the snr tap forms ``G`` and ``(g²)ᵀ(x²)`` a few row
+blocks at a time during the warm-up only).
 
 ``grad_abs_mean`` is not linear in g, so it cannot be reduced per micro-batch: the exact value needs the
 summed gradient of the whole weight (4 bytes per weight, e.g. 6.5 GB for LLaMA-7B's q, k, v, which
@@ -43,13 +54,18 @@ class Criterion:
     Attributes:
         name: registry key.
         reduction: per-micro-batch tile reduction of G (``sum``, ``abs``, ``sq``), ``full`` for an exact
-            weight-sized accumulator, or None when no gradient is needed.
+            weight-sized accumulator, ``tap`` for a criterion with its own ``tap``, or None when no gradient
+            is needed.
         finalize: ``(accumulated, grid, weight) -> [n_rb, n_cb]`` fp32 scores.
     """
 
     name: str
     reduction: str | None
     finalize: Callable[[torch.Tensor | None, BlockGrid, torch.Tensor | None], torch.Tensor]
+    tap: Callable[[torch.Tensor, torch.Tensor, BlockGrid, object, float], torch.Tensor] | None = None
+    """``(dy, x, grid, ops, loss_scale) -> state contribution`` for criteria that are not one tile reduction."""
+    stacked: int = 1
+    """How many ``[n_rb, n_cb]`` maps the state holds (``[stacked, n_rb, n_cb]`` when more than one)."""
 
     @property
     def needs_gradients(self) -> bool:
@@ -79,6 +95,41 @@ register_criterion(
 register_criterion(
     Criterion("weight_abs_mean", None, lambda acc, grid, w: _per_element(grid.reduce_tiles(w.float(), "abs"), grid))
 )
+
+
+def _snr_tap(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, ops, scale: float) -> torch.Tensor:
+    """Per block, the mean over its elements of ``|Σ_t G_t| / √(Σ_t G_t²)`` for one micro-batch (scale-free)."""
+    g32, x32 = dy.float(), x.float()
+    x_sq = x32.square()
+    out = torch.empty(grid.shape, dtype=torch.float32, device=dy.device)
+    starts, step = reference._chunks(grid.n_row_blocks, 2 * grid.block_rows * grid.in_features * 4)
+    for s in starts:
+        e = min(s + step, grid.n_row_blocks)
+        r0, r1 = s * grid.block_rows, min(e * grid.block_rows, grid.out_features)
+        signal = (g32[:, r0:r1].T @ x32).abs_()
+        noise = (g32[:, r0:r1].square().T @ x_sq).sqrt_()
+        ratio = torch.where(noise > 0, signal / noise.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        part = BlockGrid(r1 - r0, grid.in_features, grid.block_rows, grid.block_cols)
+        out[s:e] = part.reduce_tiles(ratio, "sum")
+    return out / grid.block_numels.to(out.device)
+
+
+def _xnorm_tap(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, ops, scale: float) -> torch.Tensor:
+    """``[‖G[b]‖², Σ_t ‖x_t[cols_b]‖²]`` for one micro-batch (the second map repeats over row blocks)."""
+    energy = ops.block_scores(dy, x, grid, "sq")
+    if scale != 1.0:
+        energy = energy / (scale * scale)
+    columns = reference._segment_sums(x.float().square(), grid.block_cols, grid.n_col_blocks).sum(0)
+    return torch.stack([energy, columns.expand(grid.n_row_blocks, -1)])
+
+
+def _ratio(acc: torch.Tensor, grid: BlockGrid, weight: torch.Tensor | None) -> torch.Tensor:
+    numerator, denominator = acc[0], acc[1]
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
+register_criterion(Criterion("grad_snr", "tap", lambda acc, grid, w: acc, tap=_snr_tap))
+register_criterion(Criterion("grad_sq_xnorm", "tap", _ratio, tap=_xnorm_tap, stacked=2))
 
 
 def _random_scores(acc: torch.Tensor | None, grid: BlockGrid, weight: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +175,7 @@ class BlockScorer:
         """Bytes of accumulator state this scorer keeps (``total`` plus one pending step)."""
         if self.criterion.reduction is None:
             return 0
-        per = self.grid.numel if self.criterion.reduction == "full" else self.grid.num_blocks
+        per = self.grid.numel if self.criterion.reduction == "full" else self.grid.num_blocks * self.criterion.stacked
         return 2 * 4 * per
 
     def observe(self, dy: torch.Tensor, x: torch.Tensor, ops=reference) -> None:
@@ -137,7 +188,9 @@ class BlockScorer:
             return
         reduction = self.criterion.reduction
         scale = self.loss_scale
-        if reduction == "full":
+        if reduction == "tap":
+            contribution = self.criterion.tap(dy, x, self.grid, ops, scale)
+        elif reduction == "full":
             g = dy.float() / scale if scale != 1.0 else dy.float()
             contribution = (g.T @ x.float()).to(self.accumulator_device or dy.device)
         else:
@@ -203,9 +256,11 @@ class BlockScorer:
             raise ValueError(f"{self.name}: block scores are not finite; refusing to select from them")
         return scores
 
-    def _state_shape(self) -> tuple[int, int]:
+    def _state_shape(self) -> tuple[int, ...]:
         if self.criterion.reduction == "full":
             return self.grid.out_features, self.grid.in_features
+        if self.criterion.stacked > 1:
+            return self.criterion.stacked, *self.grid.shape
         return self.grid.shape
 
     def state_dict(self) -> dict:

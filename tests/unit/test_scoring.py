@@ -62,6 +62,72 @@ def test_scores_match_dense_reference(criterion):
     assert scorers["proj"].micro_batches == (2 if criterion != "weight_abs_mean" else 0)
 
 
+def _per_token_grads(model, x2d):
+    """Each token's own dW ``[T, out, in]`` (the loss is a sum over tokens, so they do not interact)."""
+    weight = model.proj.weight.detach().clone().requires_grad_(True)
+    grads = []
+    for row in x2d:
+        weight.grad = None
+        torch.nn.functional.linear(row[None], weight, model.proj.bias.detach()).pow(2).sum().backward()
+        grads.append(weight.grad.clone())
+    return torch.stack(grads)
+
+
+def _expected_scale_free(criterion, per_token, grid, x2d_list):
+    n = grid.block_numels.float()
+    if criterion == "grad_snr":
+        total = 0
+        for tokens in per_token:
+            signal, noise = tokens.sum(0).abs(), tokens.square().sum(0).sqrt()
+            total = total + grid.reduce_tiles(torch.where(noise > 0, signal / noise, 0.0), "sum") / n
+        return total
+    numerator = sum(grid.reduce_tiles(tokens.sum(0), "sq") for tokens in per_token)
+    starts = range(0, grid.in_features, grid.block_cols)
+    energy = sum(torch.stack([x[:, c : c + grid.block_cols].square().sum() for c in starts]) for x in x2d_list)
+    return numerator / energy.expand(grid.n_row_blocks, -1)
+
+
+@pytest.mark.parametrize("criterion", ["grad_snr", "grad_sq_xnorm"])
+def test_scale_free_scores_match_per_token_reference(criterion):
+    model = Holder()
+    config = SMTConfig(target_modules=["proj"], block_size=(3, 4), num_blocks=2, criterion=criterion)
+    batches = [torch.randn(2, 5, 10), torch.randn(3, 10)]
+    x2d = [b.reshape(-1, 10) for b in batches]
+    per_token = [_per_token_grads(model, x) for x in x2d]
+    inject(model, config)
+    scorers = start_scoring(model, config)
+    for x in batches:
+        model(x).pow(2).sum().backward()
+    assert scorers["proj"].commit()
+    grid = sparse_layers(model)["proj"].grid
+    got = scorers["proj"].scores()
+    assert torch.allclose(got, _expected_scale_free(criterion, per_token, grid, x2d), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["grad_snr", "grad_sq_xnorm", "grad_sq"])
+def test_scale_free_scores_ignore_an_outlier_input_channel(criterion):
+    """Scaling input columns 0-3 by 50 (an outlier channel) moves grad_sq's ranking, not the scale-free ones'."""
+    grid = BlockGrid(8, 8, 4, 4)
+    g, x = torch.randn(64, 8), torch.randn(64, 8)
+    loud = x.clone()
+    loud[:, :4] *= 50.0
+
+    def scores(inputs):
+        scorer = BlockScorer(grid, criterion, name="m")
+        scorer.observe(g, inputs)
+        scorer.commit()
+        return scorer.scores()
+
+    quiet_scores, loud_scores = scores(x), scores(loud)
+    if criterion == "grad_sq":
+        assert torch.allclose(loud_scores[:, 0], quiet_scores[:, 0] * 2500, rtol=1e-4)
+    elif criterion == "grad_snr":
+        assert torch.allclose(loud_scores, quiet_scores, rtol=1e-4)
+    else:  # only the input energy is divided out: the ranking within each column block is kept
+        assert torch.allclose(loud_scores.argsort(0), quiet_scores.argsort(0))
+        assert loud_scores[:, 0].max() < 50 * quiet_scores.max()
+
+
 def test_first_layer_with_frozen_input_is_scored():
     # Nothing upstream requires grad and the layer holds no provisional slot: the tap must still fire.
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))

@@ -169,9 +169,9 @@ def keep_trainable(model: nn.Module) -> int:
         layer.support_avx512bf16_for_cpu = False  # the switch bitsandbytes reads before repacking
         state = getattr(layer.weight, "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
 
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+            layer.weight.data, layer.weight.quant_state = unpack(layer.weight.data, state)
             restored += 1
     return restored
 

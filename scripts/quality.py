@@ -1,0 +1,691 @@
+"""Quality benchmark: SMT (each criterion), random blocks, S²FT-style strips, regrowth, LoRA and full FT, compared
+on held-out real tasks at equal trainable budget, with learning rates chosen on a validation split.
+
+    python scripts/quality.py run --task alpaca --arm smt:grad_sq --lr 1e-3 --seed 0   # one cell (cached)
+    python scripts/quality.py study --plan sweep --tasks alpaca                        # every missing cell of a plan
+    python scripts/quality.py report                                                   # docs/quality.md + .png
+    python scripts/quality.py --tiny --out /tmp/q                                      # smoke run (CI), ~1 min
+
+Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
+- ``alpaca``: instruction tuning on ``alpaca/alpaca_5000.json``; held-out response-token NLL.
+- ``gsm8k``: ``gsm8k/train.jsonl`` → ``test.jsonl`` response-token NLL (calculator notes removed); greedy
+  exact match on ``--em`` test questions where asked.
+- ``arc_easy``: ARC-Easy (LLM-Adapters files) with the *answer text* as the response; accuracy = the choice
+  whose text is most likely (lm-eval style, summed log-probability normalised by the text's length in bytes),
+  so the untuned model is neither at chance nor at ceiling; also the correct answer's NLL.
+Every run also reports forgetting: WikiText-2 NLL (fixed windows of its test split) after tuning.
+
+Arms (``--arm``): ``full``, ``lora``, ``smt:<criterion>`` (64² blocks), ``strips:<criterion>`` (whole output
+rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth). Budgets: ``r8`` / ``r32`` = as many
+trainable weights as LoRA of that rank on the same targets (counted exactly and reported); targets ``qkv``,
+``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps`` optimizer steps on the same
+batches in the same order (the data seed is the run's seed); SMT's warm-up steps are inside that budget.
+
+Results: one JSON per (task, targets, budget, arm, seed, lr) under ``--out`` (default ``docs/quality/raw``), so a
+long study accumulates across runs and sessions; ``report`` picks each arm's LR by validation NLL (seed 0),
+then reports test metrics at that LR as mean ± std over the seeds present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_OUT = ROOT / "docs" / "quality" / "raw"
+TARGETS = {
+    "qkv": ["q_proj", "k_proj", "v_proj"],
+    "v": ["v_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+TINY_MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=384)  # fmt: skip
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One run: what is trained, on what, how long, and with which learning rate and seed."""
+
+    task: str
+    arm: str
+    lr: float
+    seed: int = 0
+    targets: str = "qkv"
+    budget: str = "r8"
+    steps: int = 100
+    batch_size: int = 8
+    warmup: int = 5
+    block_size: int = 64
+    em: int = 0
+
+    def key(self) -> str:
+        budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
+        return f"{self.task}/{budget}/{self.arm.replace(':', '-')}/seed{self.seed}-lr{self.lr:g}.json"
+
+
+@dataclass
+class Harness:
+    """Where the model and data come from, and how much is evaluated (``tiny()`` is the CI smoke run)."""
+
+    model: str | None = str(SMOLLM2)
+    model_config: dict | None = None
+    tokenizer: str | None = None
+    data_root: Path = SHARED
+    out: Path = DEFAULT_OUT
+    work: Path = ROOT / "runs" / "quality-work"
+    max_length: int = 192
+    n_val: int = 100
+    n_test: int = 200
+    n_arc_test: int = 300
+    wiki_windows: int = 24
+    wiki_tokens: int = 256
+
+    @classmethod
+    def tiny(cls, out: Path) -> Harness:
+        return cls(model=None, model_config=TINY_MODEL, tokenizer="bytes", data_root=out / "data", out=out / "raw",
+                   work=out / "work",
+                   max_length=96, n_val=8, n_test=8, n_arc_test=8, wiki_windows=2, wiki_tokens=64)  # fmt: skip
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+ARC_CHOICE = re.compile(r"Answer(\d):\s*(.*?)(?=\s*Answer\d:|\n\nAnswer format|$)", re.S)
+
+
+def _shuffled(rows: list, seed: int = 1234) -> list:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def _record(instruction: str, response: str, answer: str = "", input_text: str = "") -> dict:
+    return {"instruction": instruction, "input": input_text, "output": response, "answer": answer}
+
+
+def alpaca_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
+    rows = _shuffled(json.loads((root / "alpaca" / "alpaca_5000.json").read_text()))
+    records = [_record(r["instruction"], r["output"], input_text=r.get("input", "")) for r in rows]
+    n_test, n_val = harness.n_test, harness.n_val
+    return {"test": records[:n_test], "val": records[n_test : n_test + n_val], "train": records[n_test + n_val :]}
+
+
+def _gsm8k_record(row: dict) -> dict:
+    solution, _, number = row["answer"].rpartition("####")
+    response = re.sub(r"<<[^<>]*>>", "", solution).strip() + f"\n#### {number.strip()}"
+    return _record(row["question"], response, number.strip().replace(",", ""))
+
+
+def gsm8k_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
+    def read(name: str) -> list[dict]:
+        lines = (root / "gsm8k" / name).read_text().splitlines()
+        return [_gsm8k_record(json.loads(line)) for line in lines if line.strip()]
+
+    train, test = _shuffled(read("train.jsonl")), _shuffled(read("test.jsonl"))
+    return {"test": test[: harness.n_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
+
+
+def arc_record(row: dict) -> dict | None:
+    """An LLM-Adapters ARC record as question → answer text, with the choices kept for scoring."""
+    question = row["instruction"].split("\n\n")[0].removeprefix("Please choose the correct answer to the question: ")
+    choices = {f"answer{n}": text.strip() for n, text in ARC_CHOICE.findall(row["instruction"])}
+    if row["answer"] not in choices or len(choices) < 2:
+        return None
+    record = _record(question, choices[row["answer"]], row["answer"])
+    record["choices"], record["label"] = list(choices.values()), list(choices).index(row["answer"])
+    return record
+
+
+def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
+    folder = root / "llm_adapters" / "ARC-Easy"
+
+    def read(name: str) -> list[dict]:
+        return [r for r in map(arc_record, json.loads((folder / name).read_text())) if r is not None]
+
+    train, test = _shuffled(read("train.json")), _shuffled(read("test.json"))
+    return {"test": test[: harness.n_arc_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
+
+
+TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits}
+
+
+def wikitext_windows(root: Path, tokenizer, harness: Harness) -> list[list[int]]:
+    """Fixed, evenly spaced windows of the WikiText-2 test split (the forgetting probe)."""
+    text = (root / "wikitext-2" / "test.txt").read_text()
+    ids = tokenizer(text[: 400 * harness.wiki_windows * harness.wiki_tokens], add_special_tokens=False)["input_ids"]
+    stride = max(harness.wiki_tokens, len(ids) // harness.wiki_windows)
+    return [ids[i : i + harness.wiki_tokens] for i in range(0, stride * harness.wiki_windows, stride)]
+
+
+def write_tiny_data(root: Path) -> None:
+    """A generated stand-in for ``../shared/data`` (the smoke run must not need it)."""
+    rng = random.Random(0)
+    sums = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(80)]
+    alpaca = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}"} for a, b in sums]
+    (root / "alpaca").mkdir(parents=True, exist_ok=True)
+    (root / "alpaca" / "alpaca_5000.json").write_text(json.dumps(alpaca))
+    (root / "gsm8k").mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### "
+                        f"{a + b}"}) for a, b in sums]  # fmt: skip
+    for name in ("train.jsonl", "test.jsonl"):
+        (root / "gsm8k" / name).write_text("\n".join(rows))
+    arc = []
+    for a, b in sums:
+        options = [a + b, a + b + 1, a + b + 2, abs(a - b) + 20]
+        rng.shuffle(options)
+        listing = " ".join(f"Answer{i + 1}: {v}" for i, v in enumerate(options))
+        instruction = (
+            f"Please choose the correct answer to the question: {a} plus {b}?\n\n{listing}\n\nAnswer format: x"
+        )
+        arc.append(
+            {"instruction": instruction, "input": "", "output": "", "answer": f"answer{options.index(a + b) + 1}"}
+        )
+    (root / "llm_adapters" / "ARC-Easy").mkdir(parents=True, exist_ok=True)
+    for name in ("train.json", "test.json"):
+        (root / "llm_adapters" / "ARC-Easy" / name).write_text(json.dumps(arc))
+    (root / "wikitext-2").mkdir(parents=True, exist_ok=True)
+    (root / "wikitext-2" / "test.txt").write_text(" The quick brown fox jumps over the lazy dog . " * 200)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8) -> float:
+    """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
+    import torch
+
+    from smt.data import InstructionCollator, encode_examples
+    from smt.loss import labelled_positions_loss
+
+    columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
+               "response": [r["output"] for r in records]}  # fmt: skip
+    encoded = encode_examples(tokenizer, "alpaca", columns, max_length)
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
+    collate, total, count = InstructionCollator(tokenizer.pad_token_id), 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(labelled_positions_loss(model, batch)) * n
+            count += n
+    return total / max(count, 1)
+
+
+def text_nll(model, windows: list[list[int]]) -> float:
+    """Mean next-token NLL of plain text windows (no template): the forgetting probe."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in windows:
+            batch = torch.tensor([ids])
+            total += float(model(input_ids=batch, labels=batch).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / max(count, 1)
+
+
+def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
+    """lm-eval style: the choice with the largest summed log-probability per byte of its text."""
+    from smt.eval import score_candidates_batch
+    from smt.prompts import render_prompt
+
+    prompts = [render_prompt("alpaca", r["instruction"], r["input"]) for r in records]
+    scores = score_candidates_batch(model, tokenizer, prompts, [r["choices"] for r in records], batch_size=16)
+    correct = 0
+    for record, score in zip(records, scores):
+        per_byte = score.sum_logprob / _byte_lengths(record["choices"])
+        correct += int(int(per_byte.argmax()) == record["label"])
+    return correct / max(len(records), 1)
+
+
+def _byte_lengths(texts: list[str]):
+    import torch
+
+    return torch.tensor([max(1, len(t.encode())) for t in texts], dtype=torch.float32)
+
+
+def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 200) -> float:
+    """GSM8K greedy exact match (the last number of the output against ``#### N``)."""
+    import torch
+
+    from smt.eval import get_task, judge
+    from smt.prompts import render_prompt
+
+    spec, correct = get_task("gsm8k"), 0
+    tokenizer.padding_side = "left"
+    for start in range(0, len(records), 16):
+        chunk = records[start : start + 16]
+        prompts = [render_prompt("alpaca", r["instruction"]) for r in chunk]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        outputs = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(judge(spec, out, r["answer"]).correct for out, r in zip(outputs, chunk))
+    tokenizer.padding_side = "right"
+    return correct / max(len(records), 1)
+
+
+def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windows: list[list[int]]) -> dict:
+    """Every metric of one trained (or untuned) model, in eval mode."""
+    model.eval()
+    metrics = {
+        "val_nll": response_nll(model, tokenizer, splits["val"], harness.max_length),
+        "test_nll": response_nll(model, tokenizer, splits["test"], harness.max_length),
+        "wiki_nll": text_nll(model, windows),
+    }
+    if cell.task == "arc_easy":
+        metrics["val_acc"] = choice_accuracy(model, tokenizer, splits["val"])
+        metrics["test_acc"] = choice_accuracy(model, tokenizer, splits["test"])
+    if cell.task == "gsm8k" and cell.em:
+        metrics["test_em"] = exact_match(model, tokenizer, splits["test"][: cell.em])
+    return metrics
+
+
+# --- methods ------------------------------------------------------------------------------------------
+
+
+def lora_weights(model, targets: list[str], rank: int) -> int:
+    """Trainable weights of LoRA of ``rank`` on ``targets``: rank · (in + out) per module, exactly."""
+    from smt.model import find_targets, linear_geometry
+
+    return sum(rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, targets).values())
+
+
+def build_module(cell: Cell, harness: Harness):
+    """The LightningModule and callbacks of one arm, from the same seed and weights."""
+    from lightning.pytorch import seed_everything
+
+    from smt.callbacks import SparseMatrixTuning
+    from smt.config import RegrowthConfig
+    from smt.module import SMTLanguageModel
+
+    seed_everything(cell.seed, verbose=False)
+    module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
+                              attn_implementation="sdpa", lr=cell.lr, scheduler="cosine", lr_warmup_steps=3,
+                              min_lr_ratio=0.1, slim_checkpoints=False)  # fmt: skip
+    kind, _, criterion = cell.arm.partition(":")
+    targets = TARGETS[cell.targets]
+    budget = lora_weights(module.model, targets, int(cell.budget.removeprefix("r")))
+    if kind == "full":
+        return module, []
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = int(cell.budget.removeprefix("r"))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+        module.model = get_peft_model(module.model, config)
+        return module, []
+    strips = kind == "strips"
+    block = (1, -1) if strips else cell.block_size
+    width = module.model.config.hidden_size if strips else cell.block_size**2  # q/k/v/o rows read hidden_size inputs
+    regrowth = RegrowthConfig(every=20, accumulate=5, rate=0.2, criterion="ag") if kind == "regrow" else None
+    warmup = 0 if criterion in ("random", "weight_abs_mean") else cell.warmup
+    smt = SparseMatrixTuning(target_modules=targets, block_size=block, num_blocks=max(1, round(budget / width)),
+                             warmup_steps=warmup, criterion=criterion, regrowth=regrowth, seed=cell.seed)  # fmt: skip
+    return module, [smt]
+
+
+def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -> dict:
+    """Fit ``cell.steps`` optimizer steps on the training split; the loss curve and wall time."""
+    from lightning.pytorch import Callback, Trainer
+
+    from smt.data import InstructionDataModule
+
+    losses: list[float] = []
+    times: list[float] = []
+
+    class LossCurve(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(round(float(outputs["loss"]), 5))
+            times.append(round(time.perf_counter() - self.start, 3))
+            if len(losses) % 10 == 0:
+                print(f"quality: step {len(losses)} loss {statistics.mean(losses[-10:]):.4f}", flush=True)
+
+    path = harness.work / "splits" / cell.task / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(splits["train"]))
+    data = InstructionDataModule(train_path=str(path), batch_size=cell.batch_size, max_length=harness.max_length,
+                                 limit_train=cell.steps * cell.batch_size, seed=cell.seed,
+                                 cache_dir=str(harness.work / "cache"))  # fmt: skip
+    data.set_tokenizer(module.tokenizer)
+    trainer = Trainer(max_steps=cell.steps, accelerator="cpu", devices=1, precision="32-true",
+                      callbacks=[*callbacks, LossCurve()], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0)  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return {"train_s": round(time.perf_counter() - start, 1), "median_step_s": statistics.median(times),
+            "losses": losses, "steps": trainer.global_step}  # fmt: skip
+
+
+def selection_stats(model) -> dict:
+    """Where an SMT selection put its blocks: modules used, and the share of each input column block."""
+    from smt.model import current_selection
+
+    selection = current_selection(model)
+    columns: dict[int, int] = {}
+    for index in selection.blocks.values():
+        for col in index[:, 1].tolist():
+            columns[col] = columns.get(col, 0) + 1
+    used = sum(1 for index in selection.blocks.values() if index.shape[0])
+    return {"modules_used": used, "modules": len(selection.blocks), "blocks": selection.num_blocks,
+            "column_blocks": dict(sorted(columns.items()))}  # fmt: skip
+
+
+def run_cell(cell: Cell, harness: Harness) -> dict:
+    """Train and evaluate one cell; the result (also written to its JSON file)."""
+    import torch
+
+    from smt.model import get_bank, merged
+
+    splits = TASKS[cell.task](harness.data_root, harness)
+    module, callbacks = build_module(cell, harness)
+    windows = wikitext_windows(harness.data_root, module.tokenizer, harness)
+    record = {"cell": asdict(cell), "harness": {k: str(v) for k, v in asdict(harness).items()}}
+    record["trainable"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    record.update(train(cell, harness, splits, module, callbacks))
+    model = module.model
+    if get_bank(model) is not None:
+        record["trainable"] = sum(p.numel() for p in get_bank(model).parameters())
+        record["selection"] = selection_stats(model)
+    with merged(model) if get_bank(model) is not None else torch.no_grad():
+        record["metrics"] = evaluate(model, module.tokenizer, splits, cell, harness, windows)
+    record["machine"] = {"cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                         "threads": torch.get_num_threads(), "host": platform.node()}  # fmt: skip
+    return record
+
+
+def run_base(task: str, harness: Harness) -> dict:
+    """The untuned model's metrics on ``task`` (the floor every arm starts from)."""
+    from smt.module import SMTLanguageModel
+
+    cell = Cell(task=task, arm="base", lr=0.0, em=exact_match_questions(task))
+    splits = TASKS[task](harness.data_root, harness)
+    module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
+                              attn_implementation="sdpa")  # fmt: skip
+    windows = wikitext_windows(harness.data_root, module.tokenizer, harness)
+    return {"cell": asdict(cell), "metrics": evaluate(module.model, module.tokenizer, splits, cell, harness, windows)}
+
+
+# --- the study ----------------------------------------------------------------------------------------
+
+LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4]}
+"""Seed-0 learning rates per arm, tried in this order (the middle first, so an early stop still compares arms)."""
+HEADLINE = ["full", "lora", "smt:grad_sq", "smt:random", "smt:grad_snr"]
+SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnorm"]
+PLANS = {
+    "sweep": HEADLINE + ["smt:grad_sq_xnorm"],
+    "headline": HEADLINE,
+    "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
+}
+
+
+def exact_match_questions(task: str) -> int:
+    """GSM8K test questions answered by greedy generation in every study cell (~1 min on 2 cores)."""
+    return 100 if task == "gsm8k" else 0
+
+
+def result_path(cell: Cell, harness: Harness) -> Path:
+    return harness.out / cell.key()
+
+
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.rglob("*.json")) if p.name != "base.json"]
+
+
+def best_lr(results: list[dict], task: str, arm: str, targets: str, budget: str) -> float | None:
+    """The LR with the lowest validation NLL among seed-0 runs of this arm (None if none ran)."""
+    runs = [r for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0]
+    return min(runs, key=lambda r: r["metrics"]["val_nll"])["cell"]["lr"] if runs else None
+
+
+def _matches(r: dict, task: str, arm: str, targets: str, budget: str) -> bool:
+    c = r["cell"]
+    same_budget = arm == "full" or (c["targets"] == targets and c["budget"] == budget)
+    return c["task"] == task and c["arm"] == arm and same_budget
+
+
+def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: str, steps: int) -> list[Cell]:
+    """The next seed-0 LRs to try: the grid, then one step (×3) beyond an edge that is still the best."""
+    grid = LR_GRID.get(arm, LR_GRID["default"])
+    done = {r["cell"]["lr"] for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0}
+    todo = [lr for lr in grid if lr not in done]
+    if not todo and done:
+        best = best_lr(results, task, arm, targets, budget)
+        if best == max(done):
+            todo = [round(best * 3, 10)]
+        elif best == min(done):
+            todo = [round(best / 3, 10)]
+    return [Cell(task, arm, lr, 0, targets, budget, steps, em=exact_match_questions(task)) for lr in todo]
+
+
+def next_cells(plan: str, tasks: list[str], targets: str, budget: str, seeds: int, steps: int, harness: Harness):
+    """The plan's missing cells, one at a time: the LR sweeps round-robin over the arms (each next LR depends on
+    what the earlier ones found), then the extra seeds of every arm at its chosen LR."""
+    arms = PLANS[plan]
+    for task in tasks:
+        pending = True
+        while pending:
+            pending = False
+            for arm in arms:
+                todo = sweep_cells(load_results(harness.out), task, arm, targets, budget, steps)
+                if todo:
+                    pending = True
+                    yield todo[0]
+        if plan == "sweep":
+            continue
+        for seed in range(1, seeds):
+            for arm in arms:
+                lr = best_lr(load_results(harness.out), task, arm, targets, budget)
+                yield Cell(task, arm, lr, seed, targets, budget, steps, em=exact_match_questions(task))
+
+
+def run_in_subprocess(cell: Cell, harness: Harness) -> bool:
+    """One cell in a fresh process (a crash or leak costs one cell); True when its result file exists."""
+    args = [sys.executable, __file__, "run", "--task", cell.task, "--arm", cell.arm, "--lr", str(cell.lr),
+            "--seed", str(cell.seed), "--targets", cell.targets, "--budget", cell.budget, "--steps", str(cell.steps),
+            "--em", str(cell.em), "--out", str(harness.out)]  # fmt: skip
+    if harness.model_config is not None:
+        args.append("--tiny-model")
+    subprocess.run(args, check=False)
+    return result_path(cell, harness).is_file()
+
+
+def study(args, harness: Harness) -> int:
+    for task in args.tasks:
+        base = harness.out / task / "base.json"
+        if not base.is_file():
+            _write(base, run_base(task, harness))
+    for cell in next_cells(args.plan, args.tasks, args.targets, args.budget, args.seeds, args.steps, harness):
+        if result_path(cell, harness).is_file():
+            continue
+        print(f"quality: {cell.key()}", flush=True)
+        if not run_in_subprocess(cell, harness):
+            print(f"quality: {cell.key()} failed; stopping the plan", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+METRICS = {"test_nll": "test NLL", "test_acc": "test acc", "test_em": "GSM8K EM", "wiki_nll": "WikiText NLL"}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summarize(results: list[dict], bases: dict[str, dict]) -> list[dict]:
+    """Per (task, budget, arm): the chosen LR, the LR curve (val NLL, seed 0) and test metrics over seeds."""
+    rows = []
+    groups = sorted({(r["cell"]["task"], r["cell"]["targets"], r["cell"]["budget"], r["cell"]["arm"]) for r in results})
+    for task, targets, budget, arm in groups:
+        if arm == "full" and (targets, budget) != ("qkv", "r8"):
+            continue
+        lr = best_lr(results, task, arm, targets, budget)
+        runs = [r for r in results if _matches(r, task, arm, targets, budget)]
+        at_lr = [r for r in runs if r["cell"]["lr"] == lr]
+        curve = {r["cell"]["lr"]: r["metrics"]["val_nll"] for r in runs if r["cell"]["seed"] == 0}
+        row = {
+            "task": task,
+            "budget": "dense" if arm == "full" else f"{targets}-{budget}",
+            "arm": arm,
+            "lr": lr,
+            "seeds": len(at_lr),
+            "trainable": at_lr[0]["trainable"],
+            "lr_curve": dict(sorted(curve.items())),
+        }
+        for key in METRICS:
+            row[key] = [r["metrics"][key] for r in at_lr if key in r["metrics"]]
+        row["base"] = bases.get(task, {}).get("metrics", {})
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for task in sorted({r["task"] for r in rows}):
+        base = next(r["base"] for r in rows if r["task"] == task)
+        keys = [k for k in METRICS if any(r[k] for r in rows if r["task"] == task)]
+        untuned = ", ".join(f"{METRICS[k]} {base[k]:.4f}" for k in keys if k in base)
+        header = " | ".join(["budget", "arm", "trainable", "LR (val)", "seeds", *(METRICS[k] for k in keys)])
+        lines += [f"### {task}", "", f"untuned: {untuned}", "", f"| {header} | val NLL by LR (seed 0) |",
+                  "|---|---|---:|---:|---:|" + "---|" * len(keys) + "---|"]  # fmt: skip
+        for r in (r for r in rows if r["task"] == task):
+            curve = " · ".join(f"{lr:g}: {v:.3f}" for lr, v in r["lr_curve"].items())
+            cells = " | ".join(_mean_std(r[k]) for k in keys)
+            lines.append(f"| {r['budget']} | {r['arm']} | {r['trainable']:,} | {r['lr']:g} | {r['seeds']} | {cells} | "
+                         f"{curve} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
+    for col, task in enumerate(tasks):
+        mine = [r for r in rows if r["task"] == task and r["test_nll"]]
+        names = [f"{r['arm']}\n{r['budget']}" for r in mine]
+        means = [statistics.mean(r["test_nll"]) for r in mine]
+        stds = [statistics.stdev(r["test_nll"]) if len(r["test_nll"]) > 1 else 0 for r in mine]
+        axes[0][col].barh(names, means, xerr=stds, color="tab:blue")
+        axes[0][col].set_xlim(min(means) * 0.98, max(means) * 1.01)
+        axes[0][col].set_title(f"{task}: test NLL at the validation-chosen LR (mean ± std)")
+        for r in mine:
+            curve = r["lr_curve"]
+            axes[1][col].plot(list(curve), list(curve.values()), marker="o", label=f"{r['arm']} {r['budget']}")
+        axes[1][col].set_xscale("log")
+        axes[1][col].set_xlabel("learning rate")
+        axes[1][col].set_ylabel("validation NLL (seed 0)")
+        axes[1][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(harness: Harness, out_md: Path) -> str:
+    results = load_results(harness.out)
+    bases = {p.parent.name: json.loads(p.read_text()) for p in harness.out.glob("*/base.json")}
+    rows = summarize(results, bases)
+    text = markdown(rows)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text)
+    if rows:
+        plot(rows, out_md.with_suffix(".png"))
+    (out_md.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    return text
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=("run", "study", "report"), default="report")
+    parser.add_argument("--task", default="alpaca", choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=["alpaca"], choices=list(TASKS))
+    parser.add_argument("--arm", default="smt:grad_sq")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per headline arm (study)")
+    parser.add_argument("--targets", default="qkv", choices=list(TARGETS))
+    parser.add_argument("--budget", default="r8", help="r<rank>: LoRA rank whose weight count every arm gets")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--em", type=int, default=0, help="GSM8K test questions for greedy exact match (0 = off)")
+    parser.add_argument("--plan", default="sweep", choices=list(PLANS))
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, generated data, all arms")
+    parser.add_argument("--tiny-model", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def tiny(out: Path) -> int:
+    """Every arm kind on a tiny random model and generated data, then the report: what CI runs."""
+    harness = Harness.tiny(out)
+    write_tiny_data(harness.data_root)
+    for task in TASKS:
+        _write(harness.out / task / "base.json", run_base(task, harness))
+    cells = [
+        ("alpaca", arm) for arm in ("full", "lora", "smt:grad_sq", "smt:grad_snr", "strips:random", "regrow:grad_snr")
+    ]
+    cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora")]
+    for task, arm in cells:
+        lr = 1e-3 if arm == "full" else 1e-2
+        cell = Cell(task, arm, lr, steps=6, batch_size=4, warmup=2, block_size=16, em=4 if task == "gsm8k" else 0)
+        _write(result_path(cell, harness), run_cell(cell, harness))
+    print(report(harness, out / "quality.md"))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.tiny:
+        return tiny(args.out or Path("runs/quality-tiny"))
+    harness = Harness.tiny(args.out.parent) if args.tiny_model else Harness()
+    if args.out is not None:
+        harness.out = args.out
+    if args.command == "run":
+        cell = Cell(args.task, args.arm, args.lr, args.seed, args.targets, args.budget, args.steps, em=args.em)
+        _write(result_path(cell, harness), run_cell(cell, harness))
+        return 0
+    if args.command == "study":
+        return study(args, harness)
+    print(report(harness, ROOT / "docs" / "quality.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""``scripts/quality.py --tiny``: every arm kind runs, budgets match, results are cached and reported.
+
+A tiny random model says nothing about the methods; this checks the harness: equal trainable budgets
+across LoRA / SMT / strips, training happened (losses fall, held-out NLL below the untuned model's),
+the LR choice uses validation NLL only, and the study's sweep extends past a grid edge that still wins.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return quality
+
+
+@pytest.fixture(scope="module")
+def tiny_run(quality, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    assert quality.main(["--tiny", "--out", str(out)]) == 0
+    return out, quality.load_results(out / "raw"), (out / "quality.md").read_text()
+
+
+def test_every_arm_trains_at_the_same_budget(tiny_run):
+    out, results, markdown = tiny_run
+    alpaca = {r["cell"]["arm"]: r for r in results if r["cell"]["task"] == "alpaca"}
+    assert set(alpaca) == {"full", "lora", "smt:grad_sq", "smt:grad_snr", "strips:random", "regrow:grad_snr"}
+    budget = alpaca["lora"]["trainable"]
+    for arm in ("smt:grad_sq", "smt:grad_snr", "regrow:grad_snr"):
+        assert alpaca[arm]["trainable"] == budget  # 16² blocks divide LoRA's count exactly on this model
+    assert abs(alpaca["strips:random"]["trainable"] - budget) <= 64  # whole rows of 64 weights
+    assert alpaca["full"]["trainable"] > 10 * budget
+    base = json.loads((out / "raw" / "alpaca" / "base.json").read_text())["metrics"]
+    for arm, record in alpaca.items():
+        assert record["steps"] == 6 and len(record["losses"]) == 6
+        assert record["metrics"]["test_nll"] < base["test_nll"], arm
+        assert f"| {arm} |" in markdown
+    assert alpaca["smt:grad_sq"]["selection"]["blocks"] == budget // 256
+
+
+def test_task_specific_metrics_are_reported(tiny_run):
+    _, results, markdown = tiny_run
+    by_task = {r["cell"]["task"]: r["metrics"] for r in results}
+    assert 0.0 <= by_task["arc_easy"]["test_acc"] <= 1.0 and "test_em" in by_task["gsm8k"]
+    assert "### arc_easy" in markdown and "test acc" in markdown and "GSM8K EM" in markdown
+
+
+def test_lr_is_chosen_on_validation_and_the_sweep_extends_past_a_winning_edge(quality):
+    def run(lr, val, test):
+        cell = quality.Cell("alpaca", "lora", lr)
+        return {"cell": vars(cell), "metrics": {"val_nll": val, "test_nll": test}, "trainable": 1}
+
+    results = [run(3e-4, 2.0, 1.0), run(1e-3, 1.9, 3.0), run(3e-3, 1.8, 3.0)]
+    assert quality.best_lr(results, "alpaca", "lora", "qkv", "r8") == 3e-3  # test NLL is never looked at
+    extend = quality.sweep_cells(results, "alpaca", "lora", "qkv", "r8", steps=100)
+    assert [c.lr for c in extend] == [pytest.approx(9e-3)]
+    results.append(run(9e-3, 1.85, 1.0))
+    assert quality.sweep_cells(results, "alpaca", "lora", "qkv", "r8", steps=100) == []
+
+
+def test_arc_records_keep_the_answer_text_and_the_choices(quality):
+    row = {"instruction": "Please choose the correct answer to the question: Which is a gas?\n\nAnswer1: ice "
+           "Answer2: steam Answer3: rock\n\nAnswer format: answer1/answer2/answer3", "answer": "answer2"}  # fmt: skip
+    record = quality.arc_record(row)
+    assert record["instruction"] == "Which is a gas?" and record["output"] == "steam"
+    assert record["choices"] == ["ice", "steam", "rock"] and record["label"] == 1

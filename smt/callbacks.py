@@ -21,7 +21,6 @@ module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warm
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from smt.distributed import (
 )
 from smt.guards import drop_gradients, scaler_enabled
 from smt.model import (
+    BANK_NAME,
     apply_selection,
     current_selection,
     get_bank,
@@ -52,6 +52,7 @@ from smt.model import (
     stop_scoring,
     trainable_summary,
 )
+from smt.patterns import name_matcher, no_match_error
 from smt.regrowth import Regrower
 from smt.scoring import CRITERIA, check_accumulator_memory
 from smt.selection import Selection
@@ -66,11 +67,14 @@ class SparseMatrixTuning(Callback):
         >>> trainer = Trainer(callbacks=[SparseMatrixTuning(target_modules=["v_proj"], density=0.01, warmup_steps=50)])
 
     Args:
-        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex.
+        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex
+            matched against the **whole** module name (``.*self_attn\\.(q|v)_proj``, PEFT's convention). Every
+            pattern below follows the same rule; one that matches nothing is refused with a real name as example.
         block_size: block shape ``(rows, cols)`` or one int; ``-1`` = full dimension (strips). Larger = faster, coarser.
         num_blocks: total blocks to tune (set this or ``density``).
         density: fraction of targeted weights to tune (default 0.01 when neither budget is set).
-        pools: separate budgets per named pool of modules, e.g. ``{"attention": {"pattern": "attn", "density": 0.01}}``.
+        pools: separate budgets per named pool of modules, e.g.
+            ``{"attention": {"pattern": ".*attn.*", "density": 0.01}}``.
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
@@ -83,7 +87,9 @@ class SparseMatrixTuning(Callback):
         seed: seed of the ``random`` criterion.
         selection_path: load this saved selection (or delta's selection) and skip the warm-up.
         save_selection: write the selection here when it is made (plus a heatmap PNG beside it).
-        trainable_modules: regex of further modules trained densely beside the blocks (a new head, norms).
+        trainable_modules: further modules (or parameters) trained densely beside the blocks (a new head, norms): name
+            suffixes (``["classifier"]``) or one regex matched against the whole name, names as in the
+            LightningModule's ``named_modules()``/``named_parameters()`` (``model.lm_head``, ``head.bias``).
         submodule: attribute path of the network to tune inside the LightningModule (default: the module's
             ``smt_target()`` if it defines one, else the LightningModule itself).
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
@@ -109,7 +115,7 @@ class SparseMatrixTuning(Callback):
         seed: int = 0,
         selection_path: str | None = None,
         save_selection: str | None = None,
-        trainable_modules: str | None = None,
+        trainable_modules: str | list[str] | None = None,
         submodule: str | None = None,
         stop_after_selection: bool = False,
         regrowth: RegrowthConfig | None = None,
@@ -200,19 +206,21 @@ class SparseMatrixTuning(Callback):
             )
 
     def _unfreeze_trainable(self, pl_module: LightningModule) -> None:
+        """Train the parameters named by ``trainable_modules`` (or owned by a module it names) densely."""
         if not self.trainable_modules:
             return
-        pattern = re.compile(self.trainable_modules)
+        matches = name_matcher(self.trainable_modules, "smt.trainable_modules")
         targeted = {id(layer.weight) for layer in sparse_layers(self.target(pl_module)).values()}
         hits = 0
         for name, param in pl_module.named_parameters():
-            if pattern.search(name) and id(param) not in targeted and "smt_bank" not in name:
+            owner = name.rpartition(".")[0]
+            if (matches(name) or matches(owner)) and id(param) not in targeted and BANK_NAME not in name:
                 param.requires_grad_(True)
                 hits += 1
         if hits == 0:
-            raise ValueError(
-                f"smt.trainable_modules={self.trainable_modules!r} matches no parameter; check the pattern"
-            )
+            owners = [n for n, m in pl_module.named_modules() if n and BANK_NAME not in n and _owns_parameters(m)]
+            what = f"module or parameter of {type(pl_module).__name__} outside the targeted weights"
+            raise no_match_error("smt.trainable_modules", self.trainable_modules, owners, what)
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -361,6 +369,10 @@ class SparseMatrixTuning(Callback):
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
+
+
+def _owns_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:

@@ -20,6 +20,7 @@ from smt.bank import BlockBank
 from smt.blocks import BlockGrid, resolve_block_size
 from smt.config import SMTConfig
 from smt.layer import SparseBlockLinear
+from smt.patterns import name_matcher, no_match_error
 from smt.quant import keep_trainable
 from smt.scoring import BlockScorer
 from smt.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
@@ -42,24 +43,17 @@ def linear_geometry(module: nn.Module) -> tuple[int, int, bool, bool] | None:
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, nn.Module]:
-    """Modules named by ``target_modules`` (list of name suffixes, or one regex matched in full).
+    """Modules named by ``target_modules``: a list of name suffixes, or one regex matched against the whole name.
 
     Raises:
-        ValueError: nothing matches, or a match is not a Linear-like layer.
+        ValueError: nothing matches (the message shows a real layer name), or a match is not a Linear-like layer.
     """
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        matches = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
-    else:
-        suffixes = tuple(target_modules)
-        matches = lambda name: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
+    matches = name_matcher(target_modules, "smt.target_modules")
     found = {n: m for n, m in model.named_modules() if n and BANK_NAME not in n and matches(n)}
     if not found:
-        examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
-        raise ValueError(
-            f"smt.target_modules={target_modules!r} matches no module of {type(model).__name__}; "
-            f"Linear layers are named like {examples}"
-        )
+        linear = [n for n, m in model.named_modules() if linear_geometry(m) is not None and BANK_NAME not in n]
+        what = f"Linear layer of {type(model).__name__}"
+        raise no_match_error("smt.target_modules", target_modules, linear, what)
     shared = _shared_weights(model)
     for name, module in found.items():
         if id(getattr(module, "weight", None)) in shared:

@@ -21,6 +21,7 @@ module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warm
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,6 +54,13 @@ from smt.model import (
     trainable_summary,
 )
 from smt.patterns import name_matcher, no_match_error
+from smt.placement import (
+    config_for_holder,
+    holding_attribute,
+    relative_names,
+    relative_selection,
+    relocate_root_bank,
+)
 from smt.regrowth import Regrower
 from smt.scoring import CRITERIA, check_accumulator_memory
 from smt.selection import Selection
@@ -90,8 +98,10 @@ class SparseMatrixTuning(Callback):
         trainable_modules: further modules (or parameters) trained densely beside the blocks (a new head, norms): name
             suffixes (``["classifier"]``) or one regex matched against the whole name, names as in the
             LightningModule's ``named_modules()``/``named_parameters()`` (``model.lm_head``, ``head.bias``).
-        submodule: attribute path of the network to tune inside the LightningModule (default: the module's
-            ``smt_target()`` if it defines one, else the LightningModule itself).
+        submodule: attribute path of the network that gets the bank inside the LightningModule. Default: the module's
+            ``smt_target()`` if it defines one, else the attribute that holds every target (``self.model`` →
+            ``"model"``, so ``merge_delta(module.model)`` and delta files use the network's own names), else the
+            LightningModule itself (see ``smt.placement``).
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
         regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
         regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).
@@ -136,6 +146,8 @@ class SparseMatrixTuning(Callback):
         self.stop_after_selection = stop_after_selection
         self.regrowth_config, self.regrowth_heatmaps = regrowth, regrowth_heatmaps
         self.regrower: Regrower | None = None
+        self._network_path: str | None = None  # the default holder's attribute, once found ("" = the module itself)
+        self._network_config = self.config  # patterns as names relative to the network that gets the bank
         self.tuning_start = 0
         self._pending_regrowth: dict | None = None
         self._batch_key: tuple[int, int] | None = None
@@ -150,11 +162,21 @@ class SparseMatrixTuning(Callback):
     # --- where to inject ------------------------------------------------------------------------------
 
     def target(self, pl_module: LightningModule) -> torch.nn.Module:
-        """The network that gets the bank."""
+        """The network that gets the bank: ``submodule``, ``smt_target()``, or the attribute holding every target."""
         if self.submodule:
             return pl_module.get_submodule(self.submodule)
         finder = getattr(pl_module, "smt_target", None)
-        return finder() if callable(finder) else pl_module
+        if callable(finder):
+            return finder()
+        if self._network_path is None:
+            self._network_path = holding_attribute(pl_module, self.config.target_modules)
+            self._network_config = config_for_holder(self.config, pl_module, self._network_path)
+        return pl_module.get_submodule(self._network_path)
+
+    @property
+    def _moved_from_root(self) -> str:
+        """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
+        return self._network_path or ""
 
     @property
     def warmup_offset(self) -> int:
@@ -174,17 +196,12 @@ class SparseMatrixTuning(Callback):
     def _inject(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         network = self.target(pl_module)
         if get_bank(network) is None:
-            if self.selection_path:
-                selection = _load_selection(self.selection_path)
-                apply_selection(network, selection, self.config)
-                self.selection = selection
-            else:
-                inject(network, self.config)
+            self._add_bank(pl_module, network)
         self._unfreeze_trainable(pl_module)
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
             self._check_warmup_fits(trainer)
-            self._scorers = start_scoring(network, self.config)
+            self._scorers = start_scoring(network, self._network_config)
             home = self.config.accumulator_device or trainer.strategy.root_device
             check_accumulator_memory(list(self._scorers.values()), home)  # refuse before any step runs
             self.phase = "warmup"
@@ -193,6 +210,21 @@ class SparseMatrixTuning(Callback):
         else:
             self.phase = "tuning" if bank.tuning else "warmup"
         rank_zero_info(f"smt: {trainable_summary(network)}")
+
+    def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
+        """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
+        if self.selection_path:
+            self.selection = relative_selection(_load_selection(self.selection_path), self._moved_from_root)
+            apply_selection(network, self.selection, self._network_config)
+        else:
+            inject(network, self._network_config)
+        if self._moved_from_root:  # the bank is on an attribute: freeze the rest of the LightningModule too
+            slots = {id(slot) for slot in get_bank(network).slots}
+            for param in pl_module.parameters():
+                param.requires_grad_(id(param) in slots)
+            # checkpoints of runs that kept the bank on the LightningModule itself load into the new place
+            hook = partial(_relocate_root_bank_hook, prefix=self._moved_from_root)
+            pl_module._register_load_state_dict_pre_hook(hook)
 
     def _check_warmup_fits(self, trainer: Trainer) -> None:
         """Refuse a warm-up that would use up the whole run (it would end with nothing tuned)."""
@@ -237,7 +269,10 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                self.regrower.load_state_dict(self._pending_regrowth, self.target(pl_module))
+                state = self._pending_regrowth
+                state = {**state, "scorers": relative_names(state["scorers"], self._moved_from_root),
+                         "ema": relative_names(state["ema"], self._moved_from_root)}  # fmt: skip
+                self.regrower.load_state_dict(state, self.target(pl_module))
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -308,7 +343,7 @@ class SparseMatrixTuning(Callback):
         for scorer in self._scorers.values():
             scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
         model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
-        selection = select_blocks(network, self.config, self._scorers, self.steps_scored, model_id)
+        selection = select_blocks(network, self._network_config, self._scorers, self.steps_scored, model_id)
         check_same_selection(selection.fingerprint(), lambda t: trainer.strategy.all_gather(t.to(pl_module.device)))
         apply_selection(network, selection)
         for slot in get_bank(network).slots:  # fresh optimizer state for every slot
@@ -365,10 +400,15 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in state["scorers"].items():
+        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root).items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
+
+
+def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
+    """A ``load_state_dict`` pre-hook (a module-level function, so a module holding it still pickles)."""
+    relocate_root_bank(state_dict, prefix)
 
 
 def _owns_parameters(module: torch.nn.Module) -> bool:

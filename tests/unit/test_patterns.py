@@ -55,7 +55,7 @@ class _Head(LightningModule):
 def test_trainable_modules_name_modules_or_parameters_in_full(pattern):
     module = _Head()
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules=pattern)
-    inject(callback.target(module), callback.config)
+    callback._add_bank(module, callback.target(module))
     callback._unfreeze_trainable(module)
     trained = {n for n, p in module.named_parameters() if p.requires_grad and "smt_bank" not in n}
     expected = {"head.up.bias"} if "bias" in str(pattern) else {"head.up.weight", "head.up.bias"}
@@ -67,6 +67,6 @@ def test_trainable_modules_name_modules_or_parameters_in_full(pattern):
 def test_trainable_modules_written_for_search_are_refused_with_an_example():
     module = _Head()
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules="head")
-    inject(callback.target(module), callback.config)
+    callback._add_bank(module, callback.target(module))
     with pytest.raises(ValueError, match=r"^smt\.trainable_modules='head'.*inside 'head\.up'; write 'head\.\*'$"):
         callback._unfreeze_trainable(module)

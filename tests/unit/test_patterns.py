@@ -6,7 +6,7 @@ from helpers import TwoLayer, tiny_llama
 from lightning.pytorch import LightningModule
 
 from smt import SMTConfig, SparseMatrixTuning
-from smt.model import find_targets, inject, module_grids, plan_pools
+from smt.model import find_targets, module_grids, plan_pools
 from smt.patterns import name_matcher
 
 Q = "model.layers.0.self_attn.q_proj"

@@ -5,8 +5,8 @@
   with ``SMTLanguageModel``, ``InstructionDataModule`` and the ``SparseMatrixTuning`` callback as the
   top-level ``smt`` group (so ``--smt.*`` overrides work like ``--model.*``).
 - ``smt select --config F --out sel.safetensors``: the warm-up only; writes the selection and its heatmap.
-- ``smt export CKPT [--delta out.safetensors] [--merged DIR] [--lora RANK --lora_out DIR] [--dtype bf16]``:
-  checkpoint → delta file / merged model / PEFT LoRA adapter (rank-RANK SVD of Δ, errors reported).
+- ``smt export CKPT [--delta out.safetensors] [--merged DIR] [--peft DIR] [--lora RANK --lora_out DIR] [--dtype bf16]``:
+  checkpoint → delta file / merged model / PEFT SHiRA adapter (exact) / PEFT LoRA adapter (rank-RANK SVD of Δ).
 - ``smt merge BASE DELTA... (OUT | --out DIR) [--weights W...] [--allow_other_base]``: apply one or several
   deltas to a base model (weighted sum where blocks overlap); see ``docs/adapters.md``.
 
@@ -35,7 +35,7 @@ COMMANDS = {
     "test": "evaluate on the test sets (per-task accuracy; --ckpt_path to test a tuned checkpoint)",
     "predict": "run the model over the test prompts",
     "select": "the warm-up only: write the block selection (and its heatmap) to reuse with --smt.selection_path",
-    "export": "checkpoint -> delta file, merged transformers model and/or PEFT LoRA adapter (SVD)",
+    "export": "checkpoint -> delta file, merged transformers model, PEFT SHiRA (exact) or LoRA (SVD) adapter",
     "merge": "apply one or several delta files to a base model and save_pretrained the result",
 }
 """Every ``smt`` subcommand and its one-line summary (what ``smt --help`` prints)."""

@@ -136,7 +136,7 @@ def run_merge(args: list[str]) -> None:
     Without ``--out`` the last positional argument is the output folder (``smt merge BASE DELTA... OUT``).
     """
     parser = argparse.ArgumentParser(prog="smt merge", description="Apply delta files to a base model and save it.")
-    parser.add_argument("base", help="base model folder (save_pretrained layout)")
+    parser.add_argument("base", help="base model: a folder (save_pretrained layout) or a hub id")
     parser.add_argument("deltas", nargs="+", help="delta files (.safetensors), then OUT unless --out is given")
     parser.add_argument("--out", help="folder to write the merged model to (default: the last positional argument)")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per delta (default 1 each)")

@@ -1,6 +1,6 @@
 """A block delta as a PEFT SHiRA adapter: the same Δ, entry for entry (no approximation).
 
-SHiRA (PEFT ≥ 0.16, ``peft.tuners.shira``) adds a sparse matrix to each targeted ``nn.Linear``:
+SHiRA (``peft.tuners.shira``; PEFT 0.21 tested) adds a sparse matrix to each targeted ``nn.Linear``:
 ``W = W0 + sparse_coo(shira_indices [2, n], shira_weight [n])``, one value per ``(row, col)`` index, so the
 entries of our blocks fit it exactly. Its one constraint is the count: every module holds exactly
 ``n = r·(out + in)`` entries for the config's single ``r`` (PEFT builds the parameter that size before loading).

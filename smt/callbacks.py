@@ -57,6 +57,7 @@ from smt.patterns import name_matcher, no_match_error
 from smt.placement import (
     config_for_holder,
     holding_attribute,
+    holding_attribute_of,
     relative_names,
     relative_selection,
     relocate_root_bank,
@@ -169,9 +170,16 @@ class SparseMatrixTuning(Callback):
         if callable(finder):
             return finder()
         if self._network_path is None:
-            self._network_path = holding_attribute(pl_module, self.config.target_modules)
-            self._network_config = config_for_holder(self.config, pl_module, self._network_path)
+            self._network_path = self._holding_attribute(pl_module)
         return pl_module.get_submodule(self._network_path)
+
+    def _holding_attribute(self, pl_module: LightningModule) -> str:
+        """Where the bank goes by default: the attribute holding the targets (or a saved selection's modules)."""
+        if self.selection_path:  # the selection names the modules; target_modules are not used then
+            return holding_attribute_of(pl_module, list(_load_selection(self.selection_path).grids))
+        path = holding_attribute(pl_module, self.config.target_modules)
+        self._network_config = config_for_holder(self.config, pl_module, path)
+        return path
 
     @property
     def _moved_from_root(self) -> str:

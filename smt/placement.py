@@ -41,6 +41,24 @@ def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
     return head
 
 
+def holding_attribute_of(root: nn.Module, names: list[str]) -> str:
+    """:func:`holding_attribute` for a saved selection's module names, whichever placement saved them.
+
+    Names that all exist in ``root`` were saved with the bank on the LightningModule (before this placement);
+    otherwise they are relative to the one attribute under which they all exist. ``""`` when neither fits (the
+    selection is then checked against ``root`` and refused in one line).
+    """
+    modules = dict(root.named_modules())
+    if all(name in modules for name in names):
+        return holding_attribute(root, exact_pattern(names))
+    holders = [
+        attribute
+        for attribute, child in root.named_children()
+        if not isinstance(child, CONTAINERS) and all(f"{attribute}.{name}" in modules for name in names)
+    ]
+    return holders[0] if len(holders) == 1 else ""
+
+
 def config_for_holder(config: SMTConfig, root: nn.Module, prefix: str) -> SMTConfig:
     """``config`` for the holder at ``prefix``: its patterns, matched as ``root`` names its modules (what the user
     wrote them against), turned into the exact names of the matched modules relative to the holder."""

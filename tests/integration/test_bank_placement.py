@@ -75,6 +75,18 @@ def test_checkpoints_with_the_bank_on_the_module_resume_into_the_new_place(old_r
         assert torch.equal(resumed, expected)
 
 
+@pytest.mark.parametrize("saved_on_the_module_itself", [False, True], ids=["names of the network", "old names"])
+def test_a_saved_selection_goes_on_the_network_whichever_placement_saved_it(saved_on_the_module_itself, tmp_path):
+    _, smt = run(tmp_path, on_the_module_itself=saved_on_the_module_itself)
+    path = smt.selection.save(tmp_path / "selection.safetensors")
+    module = Regressor("trainable")  # target_modules left at the default (q, k, v): the selection names the modules
+    reuse = SparseMatrixTuning(block_size=4, num_blocks=3, warmup_steps=0, selection_path=str(path))
+    Trainer(max_steps=2, callbacks=[reuse], **QUIET).fit(module)
+    assert bank_holder(module) is module.net and get_bank(module.net).tuning
+    expected = {n.removeprefix("net."): b.tolist() for n, b in smt.selection.blocks.items() if len(b)}
+    assert {n: b.tolist() for n, b in get_bank(module).blocks().items()} == expected
+
+
 def test_several_banks_are_named_not_guessed():
     module = Regressor()
     module.other = Regressor().net

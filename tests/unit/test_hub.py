@@ -96,3 +96,17 @@ def test_hub_data_that_does_not_load_is_one_line(hub_cache):
     assert "HF_HUB_OFFLINE=1" in str(missing.value)
     with pytest.raises(ValueError, match=r"^val_path='hub:smt-test/boolq@validation' does not load \(Unknown"):
         load_records("hub:smt-test/boolq", None, "val_path", default_split="validation")
+
+
+def test_an_unreachable_hub_is_one_line_that_names_the_offline_switch(monkeypatch):
+    from smt.hub import from_pretrained
+
+    def unreachable(name, **kwargs):  # what transformers raises online without a network, after its retries
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ValueError) as error:
+        from_pretrained(unreachable, "meta-llama/Meta-Llama-3-8B", "model.model")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model.model='meta-llama/Meta-Llama-3-8B' is not a folder")
+    assert "couldn't connect" in message and "HF_HUB_OFFLINE=1" in message

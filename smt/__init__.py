@@ -59,9 +59,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt.deltaset import DeltaSet
     from smt.guards import NonFiniteGuard
     from smt.lora_export import export_lora
-    from smt.shira_export import export_shira
     from smt.model import apply_selection, inject, merge_delta, trainable_summary
     from smt.selection import Selection, select_top_k
+    from smt.shira_export import export_shira
 
 
 def __getattr__(name: str) -> Any:

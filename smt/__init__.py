@@ -25,6 +25,7 @@ _EXPORTS = {
     "SparseMatrixTuning": "smt.callbacks",
     "DeltaSet": "smt.deltaset",
     "export_lora": "smt.lora_export",
+    "export_shira": "smt.shira_export",
     "NonFiniteGuard": "smt.guards",
     "AtomicCheckpointIO": "smt.checkpoint_io",
 }
@@ -39,6 +40,7 @@ __all__ = [
     "SparseMatrixTuning",
     "apply_selection",
     "export_lora",
+    "export_shira",
     "inject",
     "load_delta",
     "merge_delta",
@@ -59,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt.lora_export import export_lora
     from smt.model import apply_selection, inject, merge_delta, trainable_summary
     from smt.selection import Selection, select_top_k
+    from smt.shira_export import export_shira
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warm
 
 from __future__ import annotations
 
-import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from smt.distributed import (
 )
 from smt.guards import drop_gradients, scaler_enabled
 from smt.model import (
+    BANK_NAME,
     apply_selection,
     current_selection,
     get_bank,
@@ -51,6 +52,15 @@ from smt.model import (
     start_scoring,
     stop_scoring,
     trainable_summary,
+)
+from smt.patterns import name_matcher, no_match_error
+from smt.placement import (
+    config_for_holder,
+    holding_attribute,
+    holding_attribute_of,
+    relative_names,
+    relative_selection,
+    relocate_root_bank,
 )
 from smt.regrowth import Regrower
 from smt.scoring import CRITERIA, check_accumulator_memory
@@ -66,11 +76,14 @@ class SparseMatrixTuning(Callback):
         >>> trainer = Trainer(callbacks=[SparseMatrixTuning(target_modules=["v_proj"], density=0.01, warmup_steps=50)])
 
     Args:
-        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex.
+        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex
+            matched against the **whole** module name (``.*self_attn\\.(q|v)_proj``, PEFT's convention). Every
+            pattern below follows the same rule; one that matches nothing is refused with a real name as example.
         block_size: block shape ``(rows, cols)`` or one int; ``-1`` = full dimension (strips). Larger = faster, coarser.
         num_blocks: total blocks to tune (set this or ``density``).
         density: fraction of targeted weights to tune (default 0.01 when neither budget is set).
-        pools: separate budgets per named pool of modules, e.g. ``{"attention": {"pattern": "attn", "density": 0.01}}``.
+        pools: separate budgets per named pool of modules, e.g.
+            ``{"attention": {"pattern": ".*attn.*", "density": 0.01}}``.
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
@@ -83,9 +96,13 @@ class SparseMatrixTuning(Callback):
         seed: seed of the ``random`` criterion.
         selection_path: load this saved selection (or delta's selection) and skip the warm-up.
         save_selection: write the selection here when it is made (plus a heatmap PNG beside it).
-        trainable_modules: regex of further modules trained densely beside the blocks (a new head, norms).
-        submodule: attribute path of the network to tune inside the LightningModule (default: the module's
-            ``smt_target()`` if it defines one, else the LightningModule itself).
+        trainable_modules: further modules (or parameters) trained densely beside the blocks (a new head, norms): name
+            suffixes (``["classifier"]``) or one regex matched against the whole name, names as in the
+            LightningModule's ``named_modules()``/``named_parameters()`` (``model.lm_head``, ``head.bias``).
+        submodule: attribute path of the network that gets the bank inside the LightningModule. Default: the module's
+            ``smt_target()`` if it defines one, else the attribute that holds every target (``self.model`` →
+            ``"model"``, so ``merge_delta(module.model)`` and delta files use the network's own names), else the
+            LightningModule itself (see ``smt.placement``).
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
         regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
         regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).
@@ -109,7 +126,7 @@ class SparseMatrixTuning(Callback):
         seed: int = 0,
         selection_path: str | None = None,
         save_selection: str | None = None,
-        trainable_modules: str | None = None,
+        trainable_modules: str | list[str] | None = None,
         submodule: str | None = None,
         stop_after_selection: bool = False,
         regrowth: RegrowthConfig | None = None,
@@ -130,6 +147,8 @@ class SparseMatrixTuning(Callback):
         self.stop_after_selection = stop_after_selection
         self.regrowth_config, self.regrowth_heatmaps = regrowth, regrowth_heatmaps
         self.regrower: Regrower | None = None
+        self._network_path: str | None = None  # the default holder's attribute, once found ("" = the module itself)
+        self._network_config = self.config  # patterns as names relative to the network that gets the bank
         self.tuning_start = 0
         self._pending_regrowth: dict | None = None
         self._batch_key: tuple[int, int] | None = None
@@ -144,11 +163,28 @@ class SparseMatrixTuning(Callback):
     # --- where to inject ------------------------------------------------------------------------------
 
     def target(self, pl_module: LightningModule) -> torch.nn.Module:
-        """The network that gets the bank."""
+        """The network that gets the bank: ``submodule``, ``smt_target()``, or the attribute holding every target."""
         if self.submodule:
             return pl_module.get_submodule(self.submodule)
         finder = getattr(pl_module, "smt_target", None)
-        return finder() if callable(finder) else pl_module
+        if callable(finder):
+            return finder()
+        if self._network_path is None:
+            self._network_path = self._holding_attribute(pl_module)
+        return pl_module.get_submodule(self._network_path)
+
+    def _holding_attribute(self, pl_module: LightningModule) -> str:
+        """Where the bank goes by default: the attribute holding the targets (or a saved selection's modules)."""
+        if self.selection_path:  # the selection names the modules; target_modules are not used then
+            return holding_attribute_of(pl_module, list(_load_selection(self.selection_path).grids))
+        path = holding_attribute(pl_module, self.config.target_modules)
+        self._network_config = config_for_holder(self.config, pl_module, path)
+        return path
+
+    @property
+    def _moved_from_root(self) -> str:
+        """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
+        return self._network_path or ""
 
     @property
     def warmup_offset(self) -> int:
@@ -168,17 +204,12 @@ class SparseMatrixTuning(Callback):
     def _inject(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         network = self.target(pl_module)
         if get_bank(network) is None:
-            if self.selection_path:
-                selection = _load_selection(self.selection_path)
-                apply_selection(network, selection, self.config)
-                self.selection = selection
-            else:
-                inject(network, self.config)
+            self._add_bank(pl_module, network)
         self._unfreeze_trainable(pl_module)
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
             self._check_warmup_fits(trainer)
-            self._scorers = start_scoring(network, self.config)
+            self._scorers = start_scoring(network, self._network_config)
             home = self.config.accumulator_device or trainer.strategy.root_device
             check_accumulator_memory(list(self._scorers.values()), home)  # refuse before any step runs
             self.phase = "warmup"
@@ -187,6 +218,21 @@ class SparseMatrixTuning(Callback):
         else:
             self.phase = "tuning" if bank.tuning else "warmup"
         rank_zero_info(f"smt: {trainable_summary(network)}")
+
+    def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
+        """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
+        if self.selection_path:
+            self.selection = relative_selection(_load_selection(self.selection_path), self._moved_from_root)
+            apply_selection(network, self.selection, self._network_config)
+        else:
+            inject(network, self._network_config)
+        if self._moved_from_root:  # the bank is on an attribute: freeze the rest of the LightningModule too
+            slots = {id(slot) for slot in get_bank(network).slots}
+            for param in pl_module.parameters():
+                param.requires_grad_(id(param) in slots)
+            # checkpoints of runs that kept the bank on the LightningModule itself load into the new place
+            hook = partial(_relocate_root_bank_hook, prefix=self._moved_from_root)
+            pl_module._register_load_state_dict_pre_hook(hook)
 
     def _check_warmup_fits(self, trainer: Trainer) -> None:
         """Refuse a warm-up that would use up the whole run (it would end with nothing tuned)."""
@@ -200,19 +246,21 @@ class SparseMatrixTuning(Callback):
             )
 
     def _unfreeze_trainable(self, pl_module: LightningModule) -> None:
+        """Train the parameters named by ``trainable_modules`` (or owned by a module it names) densely."""
         if not self.trainable_modules:
             return
-        pattern = re.compile(self.trainable_modules)
+        matches = name_matcher(self.trainable_modules, "smt.trainable_modules")
         targeted = {id(layer.weight) for layer in sparse_layers(self.target(pl_module)).values()}
         hits = 0
         for name, param in pl_module.named_parameters():
-            if pattern.search(name) and id(param) not in targeted and "smt_bank" not in name:
+            owner = name.rpartition(".")[0]
+            if (matches(name) or matches(owner)) and id(param) not in targeted and BANK_NAME not in name:
                 param.requires_grad_(True)
                 hits += 1
         if hits == 0:
-            raise ValueError(
-                f"smt.trainable_modules={self.trainable_modules!r} matches no parameter; check the pattern"
-            )
+            owners = [n for n, m in pl_module.named_modules() if n and BANK_NAME not in n and _owns_parameters(m)]
+            what = f"module or parameter of {type(pl_module).__name__} outside the targeted weights"
+            raise no_match_error("smt.trainable_modules", self.trainable_modules, owners, what)
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -229,7 +277,10 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                self.regrower.load_state_dict(self._pending_regrowth, self.target(pl_module))
+                state = self._pending_regrowth
+                state = {**state, "scorers": relative_names(state["scorers"], self._moved_from_root),
+                         "ema": relative_names(state["ema"], self._moved_from_root)}  # fmt: skip
+                self.regrower.load_state_dict(state, self.target(pl_module))
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -300,7 +351,7 @@ class SparseMatrixTuning(Callback):
         for scorer in self._scorers.values():
             scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
         model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
-        selection = select_blocks(network, self.config, self._scorers, self.steps_scored, model_id)
+        selection = select_blocks(network, self._network_config, self._scorers, self.steps_scored, model_id)
         check_same_selection(selection.fingerprint(), lambda t: trainer.strategy.all_gather(t.to(pl_module.device)))
         apply_selection(network, selection)
         for slot in get_bank(network).slots:  # fresh optimizer state for every slot
@@ -357,10 +408,19 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in state["scorers"].items():
+        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root).items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
+
+
+def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
+    """A ``load_state_dict`` pre-hook (a module-level function, so a module holding it still pickles)."""
+    relocate_root_bank(state_dict, prefix)
+
+
+def _owns_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The ``smt`` command.
 
+- ``smt --help``: every subcommand with one line; ``smt <command> --help``: that command's options.
 - ``smt fit|validate|test|predict --config F [--smt.density 0.02 --trainer.max_steps 100 ...]``: LightningCLI
   with ``SMTLanguageModel``, ``InstructionDataModule`` and the ``SparseMatrixTuning`` callback as the
   top-level ``smt`` group (so ``--smt.*`` overrides work like ``--model.*``).
 - ``smt select --config F --out sel.safetensors``: the warm-up only; writes the selection and its heatmap.
-- ``smt export CKPT [--delta out.safetensors] [--merged DIR] [--lora RANK --lora_out DIR] [--dtype bf16]``:
-  checkpoint → delta file / merged model / PEFT LoRA adapter (rank-RANK SVD of Δ, errors reported).
+- ``smt export CKPT [--delta out.safetensors] [--merged DIR] [--peft DIR] [--lora RANK --lora_out DIR] [--dtype bf16]``:
+  checkpoint → delta file / merged model / PEFT SHiRA adapter (exact) / PEFT LoRA adapter (rank-RANK SVD of Δ).
 - ``smt merge BASE DELTA... (OUT | --out DIR) [--weights W...] [--allow_other_base]``: apply one or several
   deltas to a base model (weighted sum where blocks overlap); see ``docs/adapters.md``.
 
@@ -28,6 +29,16 @@ from smt.guards import NonFiniteGuard, TrainingDivergedError
 from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
 
+COMMANDS = {
+    "fit": "warm-up, select blocks, train them; writes checkpoints, the delta file and/or the merged model",
+    "validate": "one pass over the validation set (loss, perplexity, token accuracy)",
+    "test": "evaluate on the test sets (per-task accuracy; --ckpt_path to test a tuned checkpoint)",
+    "predict": "run the model over the test prompts",
+    "select": "the warm-up only: write the block selection (and its heatmap) to reuse with --smt.selection_path",
+    "export": "checkpoint -> delta file, merged transformers model, PEFT SHiRA (exact) or LoRA (SVD) adapter",
+    "merge": "apply one or several delta files to a base model and save_pretrained the result",
+}
+"""Every ``smt`` subcommand and its one-line summary (what ``smt --help`` prints)."""
 USAGE_ERRORS = (ValueError, FileNotFoundError)
 RUN_ERRORS = (TrainingDivergedError, WriteFailedError)  # one line too, exit code 1: the run, not the input, failed
 
@@ -97,7 +108,11 @@ def run_lightning(args: list[str]) -> SMTCLI:
 
 def run_select(args: list[str]) -> None:
     """``smt select --config F --out PATH [overrides]``: warm-up only, then write the selection."""
-    parser = argparse.ArgumentParser(prog="smt select", description="Run the warm-up only and save the selection.")
+    parser = argparse.ArgumentParser(
+        prog="smt select --config F",
+        description="Run the warm-up only and save the selection (no block is trained).",
+        epilog="Every option of `smt fit` is accepted too (`smt fit --help` lists them), e.g. --smt.density 0.02.",
+    )
     parser.add_argument(
         "--out", required=True, help="selection file to write (.safetensors; a .png heatmap goes beside it)"
     )
@@ -109,10 +124,26 @@ def run_select(args: list[str]) -> None:
     )  # fmt: skip
 
 
+def command_help() -> str:
+    """The text of ``smt --help``: every subcommand with one line, and where each one's options are."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in COMMANDS.items()]
+    return "\n".join(
+        ["usage: smt <command> [options]   (smt <command> --help lists a command's options)", "", "commands:", *lines]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``smt`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "--help"
+    if command in ("-h", "--help", "help"):
+        print(command_help())
+        return 0
+    if not command.startswith("-") and command not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        print(f"smt: error: unknown command {command!r}; use one of {known} (smt --help)", file=sys.stderr)
+        return 2
     try:
         if command == "select":
             run_select(argv[1:])

@@ -21,8 +21,9 @@ DEFAULT_DENSITY = 0.01
 class PoolConfig:
     """A group of target modules with a budget of its own (SMT gives attention and MLP separate budgets)."""
 
-    pattern: str
-    """Regular expression searched in module names, e.g. ``self_attn\\.(q|k|v)_proj``."""
+    pattern: str | list[str]
+    """Which target modules belong here, matched like ``target_modules``: one regex matched against the whole
+    module name (``.*self_attn\\..*``), or a list of name suffixes (``[q_proj, k_proj, v_proj]``)."""
     num_blocks: int | None = None
     """Blocks for this pool (set this or ``density``)."""
     density: float | None = None
@@ -43,7 +44,8 @@ class SMTConfig:
 
     target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     """Modules whose weights get blocks: a list of name suffixes (``["q_proj", "v_proj"]``) or one regular
-    expression matched against the full module name. Default: attention q, k, v (SMT's best finding)."""
+    expression matched against the **whole** module name (``.*self_attn\\.(q|v)_proj``; PEFT's convention, shared
+    by every pattern smt takes). Default: attention q, k, v (SMT's best finding)."""
     block_size: int | tuple[int, int] = 256
     """Block shape ``(rows, cols)`` or one int for square blocks; ``-1`` = the full dimension (strips:
     ``[1, -1]`` selects output channels, S²FT-style). Larger = faster kernels, coarser selection."""
@@ -53,7 +55,7 @@ class SMTConfig:
     """Fraction of targeted parameters to tune, e.g. 0.01 (default 0.01 when neither budget is set)."""
     pools: dict[str, PoolConfig] | None = None
     """Separate budgets per named pool of modules (e.g. ``attention`` and ``mlp``); replaces the global
-    budget. A target module belongs to the first pool whose pattern it matches."""
+    budget. A target module belongs to the first pool whose pattern (full match, or suffix list) it matches."""
     max_blocks_per_module: int | None = None
     """Upper limit on blocks in any one module (None = no limit)."""
     min_blocks_per_module: int = 0

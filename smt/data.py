@@ -1,6 +1,8 @@
 """Instruction-tuning data for causal LMs: JSON/JSONL records → prompt/response tokens with masked labels.
 
-Records come in two schemas, detected from their fields:
+Records come from JSON/JSONL files or from hub data sets named ``hub:owner/name[:config][@split]``
+(``smt.hub``: downloaded once into the datasets cache, cache only under ``HF_HUB_OFFLINE=1``), in two
+schemas, detected from their fields:
 
 * LLM-Adapters (``commonsense_170k``, ``math_10k``, the per-task ``test.json``): ``instruction``,
   ``output``, optional ``input`` and ``answer`` (the gold label / number / letter used by evaluation).
@@ -16,7 +18,7 @@ response longer than ``max_length - 1`` is itself cut (from the right, losing it
 API (what ``smt.module`` / ``smt.cli`` rely on):
     ``InstructionDataModule(train_path, val_path=None, test_paths=None, ..., tokenizer=None, template="alpaca")``
     ``dm.set_tokenizer(tokenizer)``: hand over the model's tokenizer (sets ``pad = eos`` when missing).
-    ``dm.tokenizer``: the tokenizer in use (loaded from ``tokenizer`` with ``local_files_only=True``).
+    ``dm.tokenizer``: the tokenizer in use (loaded from ``tokenizer``, a folder or hub id).
     Train/val batches: ``input_ids``, ``attention_mask``, ``labels`` (``[B, T]``, right-padded, pads -100).
     Packed train batches (``packing=True``): ``input_ids``, ``labels``, ``position_ids`` and no
     ``attention_mask``: call ``model(**batch, use_cache=False)`` and transformers (≥ 4.53) builds a
@@ -45,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from smt.eval.extract import gsm8k_reference
 from smt.eval.tasks import detect_task, get_task, task_names
+from smt.hub import HUB_PREFIX, from_pretrained, load_hub_dataset, parse_hub_dataset
 from smt.loss import IGNORE_INDEX
 from smt.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
 from smt.resume_loader import ResumableLoader
@@ -56,32 +59,44 @@ _FIELDS = ("instruction", "input", "response", "reference")
 
 
 # ----------------------------------------------------------------------------------------------- records
-def load_records(path: str | Path, cache_dir: str | Path, role: str = "train_path") -> datasets.Dataset:
-    """Read a JSON array or JSONL file and normalize it to ``instruction/input/response/reference``.
+def load_records(
+    path: str | Path, cache_dir: str | Path | None, role: str = "train_path", default_split: str = "train"
+) -> datasets.Dataset:
+    """Read a JSON array / JSONL file or a hub data set and normalize it to ``instruction/input/response/reference``.
 
     Args:
-        path: the data file.
-        cache_dir: where ``datasets`` keeps its Arrow files.
+        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.hub`).
+        cache_dir: where ``datasets`` keeps its Arrow files; for a hub data set None = its usual cache.
         role: the argument name shown in error messages (``train_path``, ``val_path``, …).
+        default_split: the split of a hub data set named without ``@split``.
 
     Returns:
         A dataset with string columns ``instruction``, ``input``, ``response``, ``reference``.
 
     Raises:
-        ValueError: the file is missing or a folder, or its records fit neither schema.
+        ValueError: the file is missing or a folder, the hub data set does not load, or its records fit neither schema.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ValueError(f"{role}={str(path)!r} {what}; pass a JSON/JSONL file (LLM-Adapters or GSM8K fields)")
-    try:
-        raw = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
-    except (datasets.exceptions.DatasetsError, ValueError, StopIteration) as error:
-        detail = str(error.__cause__ or error).strip().splitlines() or ["no records"]
-        raise ValueError(f"{role}={str(path)!r} is not a JSON array or JSONL of records ({detail[0][:100]})") from None
+    hub = parse_hub_dataset(str(path), default_split, role)
+    raw = load_hub_dataset(hub, role, None if cache_dir is None else str(cache_dir)) if hub else None
+    if raw is None:
+        raw = _read_json_records(Path(path), cache_dir, role)
     schema = _detect_schema(raw.column_names, path)
     key = ("normalize", raw._fingerprint, schema)
     return _map(raw, _normalizer(schema, path), raw.column_names, key, with_indices=True)
+
+
+def _read_json_records(path: Path, cache_dir: str | Path | None, role: str) -> datasets.Dataset:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(
+            f"{role}={str(path)!r} {what}; pass a JSON/JSONL file (LLM-Adapters or GSM8K fields) "
+            "or a hub data set hub:owner/name[:config][@split]"
+        )
+    try:
+        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
+    except (datasets.exceptions.DatasetsError, ValueError, StopIteration) as error:
+        detail = str(error.__cause__ or error).strip().splitlines() or ["no records"]
+        raise ValueError(f"{role}={str(path)!r} is not a JSON array or JSONL of records ({detail[0][:100]})") from None
 
 
 def _detect_schema(columns: Sequence[str], path: Path) -> str:
@@ -363,27 +378,22 @@ def _restarting_positions(positions: Sequence[int], width: int) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(name_or_path: str) -> Any:
-    """Load a tokenizer from a local directory or the local Hugging Face cache, never the network.
+def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> Any:
+    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.hub`).
 
     Args:
-        name_or_path: a local folder or a model id already in the cache.
+        name_or_path: a folder or a hub id (downloaded once into the Hugging Face cache).
+        local_files_only: read only folders and the cache (``HF_HUB_OFFLINE=1`` does the same).
 
     Returns:
         The tokenizer, prepared by :func:`prepare_tokenizer`.
 
     Raises:
-        ValueError: nothing loadable is found locally.
+        ValueError: nothing loadable under that name (offline: nothing cached).
     """
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"tokenizer={name_or_path!r} is not a local tokenizer folder or cached model (local_files_only=True); "
-            f"pass a folder with tokenizer files ({type(error).__name__})"
-        ) from None
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "data.tokenizer", local_files_only)
     return prepare_tokenizer(tokenizer)
 
 
@@ -422,15 +432,19 @@ class InstructionDataModule(LightningDataModule):
 
     Args:
         train_path: training file (JSON array or JSONL): LLM-Adapters records (instruction, input, output,
-            answer) or GSM8K records (question, answer). Needed for fit and validate.
-        val_path: validation file in the same formats; when unset, ``val_split`` carves one from train.
-        test_paths: files for ``test``/``predict`` (one per task, e.g. ``llm_adapters/boolq/test.json``);
-            the task is taken from the folder or file name. Unset: the validation records are used.
+            answer) or GSM8K records (question, answer); or a hub data set with those fields,
+            ``hub:owner/name[:config][@split]`` (split default ``train``; downloaded once into the datasets cache,
+            cache only under ``HF_HUB_OFFLINE=1``). Needed for fit and validate.
+        val_path: validation file or ``hub:`` data set (default split ``validation``) in the same formats; when
+            unset, ``val_split`` carves one from train.
+        test_paths: files or ``hub:`` data sets (default split ``test``) for ``test``/``predict``, one per task
+            (e.g. ``llm_adapters/boolq/test.json``); the task is taken from the folder/file name (hub: the config or
+            data set name). Unset: the validation records are used.
         test_tasks: task names for ``test_paths`` (same order) when the paths do not name them.
         val_split: records held out of ``train_path`` for validation when there is no ``val_path``: a
             fraction in (0, 1) or a count ≥ 1; chosen by a seeded shuffle, so the same on every run.
-        tokenizer: tokenizer folder or cached model id, loaded with ``local_files_only=True``. Leave unset
-            when the LightningModule hands its own over with ``set_tokenizer``.
+        tokenizer: tokenizer folder or hub id (loaded as transformers does). Leave unset when the LightningModule
+            hands its own over with ``set_tokenizer``.
         template: prompt template: ``alpaca`` (LLM-Adapters), ``smt`` (SMT/S²FT single-section form),
             ``gsm8k`` (``Question:/Answer:``) or ``chat`` (the tokenizer's chat template).
         max_length: longest sequence in tokens; longer examples lose prompt tokens from the left, the
@@ -445,7 +459,10 @@ class InstructionDataModule(LightningDataModule):
         limit_train: keep only this many training records (first N after a seeded shuffle), for quick runs.
         limit_val: keep only this many validation records (first N after a seeded shuffle).
         limit_test: keep only this many records per test file (first N after a seeded shuffle).
-        cache_dir: folder for the ``datasets`` Arrow cache; unset: a temporary folder removed at exit.
+        cache_dir: folder for the ``datasets`` Arrow cache; unset: a temporary folder removed at exit for files,
+            the usual datasets cache (``HF_DATASETS_CACHE``) for hub data sets.
+        local_files_only: load ``tokenizer`` from folders and the Hugging Face cache only (hub data sets follow
+            ``HF_HUB_OFFLINE=1``: ``datasets`` has no per-call switch).
     """
 
     def __init__(
@@ -468,6 +485,7 @@ class InstructionDataModule(LightningDataModule):
         limit_val: int | None = None,
         limit_test: int | None = None,
         cache_dir: str | None = None,
+        local_files_only: bool = False,
     ) -> None:
         super().__init__()
         _check_args(template, max_length, batch_size, test_paths, test_tasks, val_path, val_split)
@@ -479,7 +497,7 @@ class InstructionDataModule(LightningDataModule):
         self.tokenizer_name_or_path, self.template, self.max_length = tokenizer, template, max_length
         self.mask_prompt, self.packing, self.seed = mask_prompt, packing, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.cache_dir = num_workers, cache_dir
+        self.num_workers, self.cache_dir, self.local_files_only = num_workers, cache_dir, local_files_only
         self.limit_train, self.limit_val, self.limit_test = limit_train, limit_val, limit_test
         self._tokenizer: Any | None = None
         self._temporary_cache: str | None = None
@@ -506,7 +524,7 @@ class InstructionDataModule(LightningDataModule):
                 raise ValueError(
                     "InstructionDataModule has no tokenizer; pass tokenizer=<folder> or call set_tokenizer"
                 )
-            self._tokenizer = load_tokenizer(self.tokenizer_name_or_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.local_files_only)
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:
@@ -538,7 +556,7 @@ class InstructionDataModule(LightningDataModule):
     def _setup_fit(self) -> None:
         if self.train_path is None:
             raise ValueError("InstructionDataModule.train_path is unset; pass --data.train_path <file.json>")
-        train = load_records(self.train_path, self._cache(), "train_path")
+        train = self._records(self.train_path, "train_path", "train")
         val, val_indices, held_out = self._validation(train)
         kept = [i for i in range(len(train)) if i not in held_out]
         self.train_dataset = self._tokenize(train.select(take_limit(kept, self.limit_train, self.seed)))
@@ -552,7 +570,7 @@ class InstructionDataModule(LightningDataModule):
     def _validation(self, train: datasets.Dataset | None) -> tuple[datasets.Dataset | None, list[int], set[int]]:
         """The validation records, the indices used, and the training indices held out for them."""
         if self.val_path is not None:
-            val = load_records(self.val_path, self._cache(), "val_path")
+            val = self._records(self.val_path, "val_path", "validation")
             return val, take_limit(range(len(val)), self.limit_val, self.seed), set()
         if not self.val_split or train is None:
             return None, [], set()
@@ -561,7 +579,7 @@ class InstructionDataModule(LightningDataModule):
 
     def _test_sources(self) -> list[tuple[datasets.Dataset, str]]:
         if not self.test_paths:  # fall back on the validation records
-            train = load_records(self.train_path, self._cache(), "train_path") if self.train_path else None
+            train = self._records(self.train_path, "train_path", "train") if self.train_path else None
             val, indices, _ = self._validation(train)
             if not indices:
                 raise ValueError("InstructionDataModule has no test data; pass --data.test_paths [<task>/test.json]")
@@ -569,7 +587,7 @@ class InstructionDataModule(LightningDataModule):
         sources = []
         for position, path in enumerate(self.test_paths):
             task = get_task(self.test_tasks[position]).name if self.test_tasks else _task_of(path, "test_paths")
-            records = load_records(path, self._cache(), "test_paths")
+            records = self._records(path, "test_paths", "test")
             sources.append((records.select(take_limit(range(len(records)), self.limit_test, self.seed)), task))
         return sources
 
@@ -590,6 +608,11 @@ class InstructionDataModule(LightningDataModule):
 
         dropped = ["instruction", "input", "response"]
         return _map(records, encode, dropped, ("prompts", template, max_length, task, id(tokenizer)))
+
+    def _records(self, path: str, role: str, default_split: str) -> datasets.Dataset:
+        """A file's records (Arrow files in ``cache_dir`` or a temporary folder), or a hub data set's (usual cache)."""
+        cache = self.cache_dir if str(path).startswith(HUB_PREFIX) else self._cache()
+        return load_records(path, cache, role, default_split)
 
     def _cache(self) -> str:
         if self.cache_dir is not None:
@@ -680,7 +703,9 @@ def _check_args(
 
 
 def _task_of(path: str, role: str) -> str:
-    spec = detect_task(path)
+    hub = parse_hub_dataset(path, "test", role)
+    names = [path] if hub is None else [name for name in (hub.config, hub.repo_id) if name]
+    spec = next((found for found in map(detect_task, names) if found is not None), None)
     if spec is None:
         raise ValueError(
             f"{role}: cannot tell the task of {path!r} from its name; name its folder after the task "

@@ -21,7 +21,7 @@ from torch import nn
 
 from smt.blocks import BlockGrid
 from smt.io import atomic_save_safetensors, parse_count, parse_grids, parse_json, read_safetensors
-from smt.model import DTYPES, apply_selection, current_selection, get_bank, sparse_layers
+from smt.model import DTYPES, apply_selection, bank_holder, current_selection, get_bank, sparse_layers
 from smt.selection import Selection
 
 FORMAT = "smt.delta"
@@ -67,7 +67,7 @@ def delta_state(
         delta = bank.detached(ids, layer.grid.tile_shape) * layer.grid.tile_mask(layer.plan().index)
         tensors[f"{name}.smt_index"] = layer.plan().index.to(torch.int32)
         tensors[f"{name}.smt_delta"] = delta.to(dtype)
-    base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    base_model_id = base_model_id or getattr(getattr(bank_holder(model), "config", None), "_name_or_path", "") or ""
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),

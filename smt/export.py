@@ -1,4 +1,4 @@
-"""``smt export`` (checkpoint → delta file, merged model and/or LoRA adapter) and ``smt merge`` (base + deltas → model).
+"""``smt export`` (checkpoint → delta file, merged model, SHiRA and/or LoRA adapter) and ``smt merge`` (deltas → model).
 
 A Lightning checkpoint of ``SMTLanguageModel`` holds the model's hyper-parameters and the bank (its
 module names, block shapes and map live in the state dict), so export needs nothing else: the base is
@@ -49,13 +49,19 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def run_export(args: list[str]) -> None:
-    """``smt export CKPT [--delta OUT] [--merged DIR] [--lora RANK --lora_out DIR] [--dtype bfloat16]``."""
+    """``smt export CKPT [--delta OUT] [--merged DIR] [--peft DIR] [--lora RANK --lora_out DIR] [--dtype bfloat16]``."""
     parser = argparse.ArgumentParser(
-        prog="smt export", description="Write the delta file, merged model and/or LoRA adapter of a checkpoint."
+        prog="smt export",
+        description="Write the delta file, merged model, PEFT SHiRA adapter and/or LoRA adapter of a checkpoint.",
     )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of `smt fit`")
     parser.add_argument("--delta", help="delta file to write (.safetensors)")
     parser.add_argument("--merged", help="folder for the merged transformers model (save_pretrained + tokenizer)")
+    parser.add_argument(
+        "--peft",
+        metavar="DIR",
+        help="write Δ as a PEFT SHiRA adapter (exact, entry for entry; PeftModel.from_pretrained(base, DIR) loads it)",
+    )
     parser.add_argument("--lora", type=int, metavar="RANK", help="also write Δ as a rank-RANK PEFT LoRA adapter (SVD)")
     parser.add_argument("--lora_out", help="folder for the LoRA adapter (with --lora)")
     parser.add_argument(
@@ -68,12 +74,12 @@ def run_export(args: list[str]) -> None:
         "--dtype",
         default="bfloat16",
         choices=[*DTYPE_ALIASES.values(), *DTYPE_ALIASES],
-        help="storage dtype of the delta file and LoRA weights",
+        help="storage dtype of the delta file and adapter weights (fp32: the SHiRA adapter reproduces the tuned model)",
     )
     options = parser.parse_args(args)
     options.dtype = DTYPE_ALIASES.get(options.dtype, options.dtype)
-    if not options.delta and not options.merged and options.lora is None:
-        raise ValueError("smt export needs --delta OUT, --merged DIR and/or --lora RANK --lora_out DIR")
+    if not options.delta and not options.merged and not options.peft and options.lora is None:
+        raise ValueError("smt export needs --delta OUT, --merged DIR, --peft DIR and/or --lora RANK --lora_out DIR")
     if (options.lora is None) != (options.lora_out is None):
         raise ValueError("smt export: give --lora RANK and --lora_out DIR together")
     if options.requantize and not options.merged:
@@ -85,6 +91,11 @@ def run_export(args: list[str]) -> None:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
     if options.delta:
         print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
+    if options.peft:
+        from smt.shira_export import export_shira
+
+        report = export_shira(module.model, options.peft, module.hparams.model, DTYPES[options.dtype])
+        print(f"PEFT SHiRA adapter written to {options.peft}: {report}")
     if options.lora is not None:
         _export_lora(module, options)
     if options.merged and options.requantize:
@@ -125,7 +136,7 @@ def run_merge(args: list[str]) -> None:
     Without ``--out`` the last positional argument is the output folder (``smt merge BASE DELTA... OUT``).
     """
     parser = argparse.ArgumentParser(prog="smt merge", description="Apply delta files to a base model and save it.")
-    parser.add_argument("base", help="base model folder (save_pretrained layout)")
+    parser.add_argument("base", help="base model: a folder (save_pretrained layout) or a hub id")
     parser.add_argument("deltas", nargs="+", help="delta files (.safetensors), then OUT unless --out is given")
     parser.add_argument("--out", help="folder to write the merged model to (default: the last positional argument)")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per delta (default 1 each)")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from smt.delta import read_delta
-from smt.model import BANK_NAME, logical_weight, sparse_layers
+from smt.model import BANK_NAME, bank_holder, logical_weight, sparse_layers
 from smt.quant import is_quantized
 
 REPORT_NAME = "smt_lora_report.json"
@@ -224,10 +224,11 @@ def _is_transposed(module: nn.Module) -> bool:
 def base_copy(model: nn.Module) -> nn.Module:
     """A plain copy of a tuning model's base (``W0``, wrapped layers and bank removed); ``model`` is untouched."""
     plain = copy.deepcopy(model)
-    for name, layer in sparse_layers(plain).items():
+    holder = bank_holder(plain)
+    for name, layer in sparse_layers(holder).items():
         parent, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, layer.base)
-    delattr(plain, BANK_NAME)
+        setattr(holder.get_submodule(parent) if parent else holder, child, layer.base)
+    delattr(holder, BANK_NAME)
     return plain
 
 

@@ -20,6 +20,7 @@ from smt.bank import BlockBank
 from smt.blocks import BlockGrid, resolve_block_size
 from smt.config import SMTConfig
 from smt.layer import SparseBlockLinear
+from smt.patterns import name_matcher, no_match_error
 from smt.quant import keep_trainable
 from smt.scoring import BlockScorer
 from smt.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
@@ -42,24 +43,17 @@ def linear_geometry(module: nn.Module) -> tuple[int, int, bool, bool] | None:
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str]) -> dict[str, nn.Module]:
-    """Modules named by ``target_modules`` (list of name suffixes, or one regex matched in full).
+    """Modules named by ``target_modules``: a list of name suffixes, or one regex matched against the whole name.
 
     Raises:
-        ValueError: nothing matches, or a match is not a Linear-like layer.
+        ValueError: nothing matches (the message shows a real layer name), or a match is not a Linear-like layer.
     """
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        matches = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
-    else:
-        suffixes = tuple(target_modules)
-        matches = lambda name: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
+    matches = name_matcher(target_modules, "smt.target_modules")
     found = {n: m for n, m in model.named_modules() if n and BANK_NAME not in n and matches(n)}
     if not found:
-        examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]
-        raise ValueError(
-            f"smt.target_modules={target_modules!r} matches no module of {type(model).__name__}; "
-            f"Linear layers are named like {examples}"
-        )
+        linear = [n for n, m in model.named_modules() if linear_geometry(m) is not None and BANK_NAME not in n]
+        what = f"module of {type(model).__name__}"
+        raise no_match_error("smt.target_modules", target_modules, linear, what)
     shared = _shared_weights(model)
     for name, module in found.items():
         if id(getattr(module, "weight", None)) in shared:
@@ -173,7 +167,7 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
     if not isinstance(state, dict) or f"{BANK_NAME}.map" not in state_dict:
         raise ValueError("this checkpoint holds no smt bank; was it trained with the SparseMatrixTuning callback?")
     names = list(state["modules"])
-    targets = find_targets(model, _exactly(names))
+    targets = find_targets(model, exact_pattern(names))
     missing = set(names) - set(targets)
     if missing:
         raise ValueError(f"checkpoint tunes {sorted(missing)[0]}, which this model does not have; use its base model")
@@ -185,7 +179,7 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
     return inject(model, _config_for(names, config), capacity=capacity, grids=grids)
 
 
-def _exactly(names) -> str:
+def exact_pattern(names) -> str:
     """A ``target_modules`` regex matching exactly these module names."""
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
@@ -193,18 +187,38 @@ def _exactly(names) -> str:
 def _config_for(names, config: SMTConfig | None) -> SMTConfig:
     """``config`` (forward mode, kernels, Δ dtype) targeting exactly ``names``; the budget comes from elsewhere."""
     fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
-    return SMTConfig(**{**fields, "target_modules": _exactly(names)})
+    return SMTConfig(**{**fields, "target_modules": exact_pattern(names)})
 
 
 def get_bank(model: nn.Module) -> BlockBank | None:
-    bank = getattr(model, BANK_NAME, None)
+    """The bank of ``model``, or of the one submodule that carries it (see :func:`bank_holder`); None if none."""
+    bank = getattr(bank_holder(model), BANK_NAME, None)
     return bank if isinstance(bank, BlockBank) else None
 
 
+def bank_holder(model: nn.Module) -> nn.Module:
+    """The module the bank is registered on: ``model`` itself, or the one submodule of it that carries a bank.
+
+    The callback puts the bank on the network that holds the targets (a LightningModule's ``self.model``), so
+    ``merge_delta``, ``save_delta`` and friends work on that network and on the LightningModule around it alike;
+    module names in the bank, selections and delta files are relative to the holder.
+
+    Raises:
+        ValueError: several submodules carry a bank (name one of them).
+    """
+    if isinstance(getattr(model, BANK_NAME, None), BlockBank):
+        return model
+    holders = [name for name, m in model.named_modules() if isinstance(getattr(m, BANK_NAME, None), BlockBank)]
+    if len(holders) > 1:
+        raise ValueError(f"{', '.join(holders)} each carry an smt bank; call this on one of them")
+    return model.get_submodule(holders[0]) if holders else model
+
+
 def sparse_layers(model: nn.Module) -> dict[str, SparseBlockLinear]:
-    """The wrapped layers, in the bank's module order."""
-    bank = _require_bank(model)
-    return {name: model.get_submodule(name) for name in bank.module_names}
+    """The wrapped layers by name relative to the bank's holder, in the bank's module order."""
+    holder = bank_holder(model)
+    bank = _require_bank(holder)
+    return {name: holder.get_submodule(name) for name in bank.module_names}
 
 
 def _require_bank(model: nn.Module) -> BlockBank:
@@ -279,11 +293,12 @@ def apply_selection(model: nn.Module, selection: Selection, config: SMTConfig | 
     Raises:
         ValueError: the selection does not fit the model (names, shapes, block count). Nothing is changed then.
     """
-    check_selection_fits(model, selection)
-    bank = get_bank(model)
+    holder = bank_holder(model)  # a bank on a submodule (the callback's placement) takes the selection there
+    check_selection_fits(holder, selection)
+    bank = get_bank(holder)
     if bank is None:
         bank = inject(
-            model, _config_for(selection.grids, config), capacity=selection.num_blocks, grids=dict(selection.grids)
+            holder, _config_for(selection.grids, config), capacity=selection.num_blocks, grids=dict(selection.grids)
         )
     elif selection.num_blocks != bank.capacity:
         raise ValueError(
@@ -298,12 +313,13 @@ def apply_selection(model: nn.Module, selection: Selection, config: SMTConfig | 
         "model_id": selection.model_id,
     }
     bank.tuning = True
-    stop_scoring(model)
+    stop_scoring(holder)
     return model
 
 
 def check_selection_fits(model: nn.Module, selection: Selection) -> None:
     """Raise ``ValueError`` unless every module of ``selection`` exists in ``model`` with the same shape."""
+    model = bank_holder(model)
     modules = dict(model.named_modules())
     bank = get_bank(model)
     if bank is not None and set(bank.module_names) != set(selection.grids):
@@ -357,13 +373,17 @@ def current_selection(model: nn.Module) -> Selection:
 def merge_delta(model: nn.Module) -> nn.Module:
     """Write ``W0 + Δ`` into each target's weight and put the plain modules back; removes the bank.
 
+    ``model`` is the network the bank is on or any module around it (e.g. the LightningModule whose ``self.model``
+    the callback tuned).
+
     Returns:
         ``model`` itself, now a plain model (e.g. ready for transformers' ``save_pretrained``).
     """
-    for name, layer in sparse_layers(model).items():
+    holder = bank_holder(model)
+    for name, layer in sparse_layers(holder).items():
         layer.merge()
-        _set_submodule(model, name, layer.base)
-    delattr(model, BANK_NAME)
+        _set_submodule(holder, name, layer.base)
+    delattr(holder, BANK_NAME)
     return model
 
 
@@ -431,4 +451,4 @@ class merged:
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without smt's own entries: the keys of the model before injection."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(BANK_NAME + ".")}
+    return {k: v for k, v in model.state_dict().items() if BANK_NAME not in k.split(".")}

@@ -1,7 +1,8 @@
 """``SMTLanguageModel``: a LightningModule for any transformers causal LM, ready for the SMT callback.
 
-It loads the model (a local folder or cached id, ``local_files_only``; or a random model from a config
-dict, for debugging), trains on response tokens only (the data module masks prompts), reports
+It loads the model (a folder or a hub id, as transformers does: downloaded once into the Hugging Face cache,
+cache only under ``HF_HUB_OFFLINE=1`` or ``local_files_only``; or a random model from a config dict, for
+debugging), trains on response tokens only (the data module masks prompts), reports
 validation loss, perplexity and token accuracy, evaluates with ``smt.eval`` in ``test``, and at the end
 of fit writes the delta file and/or the merged model. ``smt_target()`` tells the callback to tune the
 transformers model inside, so delta files carry the model's own module names.
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.data import IGNORE_INDEX
+from smt.hub import from_pretrained
 from smt.loss import labelled_positions_loss
 from smt.model import get_bank, merged, plain_state_dict
 from smt.quant import (
@@ -46,19 +48,21 @@ def load_causal_lm(
     quantization: str = "none",
     compute_dtype: str | None = None,
     double_quant: bool = True,
+    local_files_only: bool = False,
 ):
-    """A transformers causal LM from a local folder / cached id, or a randomly initialised one from a config dict.
+    """A transformers causal LM from a folder or hub id (see ``smt.hub``), or a randomly initialised one from a config.
 
-    A quantized base (``nf4``/``fp4``/``int8``) loads through ``BitsAndBytesConfig`` from a folder; a config-dict
-    model has its Linear layers (all but ``lm_head``) quantized after construction, as transformers would.
+    A quantized base (``nf4``/``fp4``/``int8``) loads through ``BitsAndBytesConfig``; a config-dict model has its
+    Linear layers (all but ``lm_head``) quantized after construction, as transformers would.
 
     Raises:
-        ValueError: neither or both sources given, the model cannot be found locally, or bitsandbytes cannot run.
+        ValueError: neither or both sources given, the model is neither a folder nor loadable by id (offline: not
+            cached), or bitsandbytes cannot run.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (name_or_path is None) == (model_config is None):
-        raise ValueError("set exactly one of model.model (a local folder or cached id) and model.model_config")
+        raise ValueError("set exactly one of model.model (a folder or hub id) and model.model_config")
     compute = DTYPES[compute_dtype or dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if quantization != "none":
@@ -73,22 +77,16 @@ def load_causal_lm(
     quantized = {}
     if quantization != "none":  # loads on one device; Lightning's later move does not touch the quantized bytes
         quantized = {"quantization_config": bnb_config(quantization, compute, double_quant), "device_map": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, local_files_only=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
-            **quantized,
-        )  # fmt: skip
-        make_loadable(model)
-        return model
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"model.model={name_or_path!r} was not found locally ({str(err).splitlines()[0][:120]}); "
-            "give a folder written by save_pretrained (e.g. `python scripts/prepare_smollm2.py`)"
-        ) from err
+    model = from_pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_path, "model.model", local_files_only,
+        dtype=DTYPES[dtype], attn_implementation=attn_implementation, **quantized,
+    )  # fmt: skip
+    make_loadable(model)
+    return model
 
 
-def load_tokenizer_for(name_or_path: str | None, tokenizer: str | None):
-    """The tokenizer: ``bytes`` (a built-in byte-level one, no files), a folder/id, or the model's own."""
+def load_tokenizer_for(name_or_path: str | None, tokenizer: str | None, local_files_only: bool = False):
+    """The tokenizer: ``bytes`` (a built-in byte-level one, no files), a folder/hub id, or the model's own."""
     from transformers import AutoTokenizer
 
     source = tokenizer or name_or_path
@@ -100,19 +98,17 @@ def load_tokenizer_for(name_or_path: str | None, tokenizer: str | None):
         raise ValueError(
             "model.tokenizer is unset and the model has no folder to load one from; use 'bytes' or a folder"
         )
-    try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"model.tokenizer={source!r} was not found locally; give a tokenizer folder") from err
+    return from_pretrained(AutoTokenizer.from_pretrained, source, "model.tokenizer", local_files_only)
 
 
 class SMTLanguageModel(LightningModule):
     """Fine-tune a transformers causal LM (add the ``SparseMatrixTuning`` callback to tune blocks only).
 
     Args:
-        model: local folder or cached id of a pretrained causal LM (loaded with ``local_files_only=True``).
+        model: a pretrained causal LM: a folder (``save_pretrained`` layout) or a Hugging Face hub id
+            (``meta-llama/Meta-Llama-3-8B``), downloaded once into the usual cache (``HF_HOME``) as transformers does.
         model_config: instead of ``model``: a transformers config dict (with ``model_type``) for a random model.
-        tokenizer: tokenizer folder/id; default: the model's folder. ``bytes`` = built-in byte tokenizer.
+        tokenizer: tokenizer folder/hub id; default: the model's. ``bytes`` = built-in byte tokenizer.
         dtype: weight dtype of the base model (``float32``, ``bfloat16``, ``float16``); for a quantized base, the
             dtype of the layers left unquantized (embeddings, norms, ``lm_head``).
         quantization: keep the base quantized with bitsandbytes: ``nf4``, ``fp4`` (4-bit, QLoRA-style), ``int8``
@@ -138,6 +134,8 @@ class SMTLanguageModel(LightningModule):
         slim_checkpoints: checkpoints keep only trainable parameters and the SMT bank; the frozen base is reloaded
             from ``model`` on resume (an 8B model's checkpoint shrinks from ~16 GB to the tuned blocks). Only when
             the base comes from ``model``: a random ``model_config`` base is always saved whole.
+        local_files_only: read only folders and the Hugging Face cache, never download (``HF_HUB_OFFLINE=1`` does the
+            same for every load, data sets included).
     """
 
     def __init__(
@@ -164,6 +162,7 @@ class SMTLanguageModel(LightningModule):
         delta_path: str | None = None,
         merged_dir: str | None = None,
         slim_checkpoints: bool = True,
+        local_files_only: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -179,10 +178,10 @@ class SMTLanguageModel(LightningModule):
         warmup_cosine(1, 0, 0.0, scheduler)  # validates the name now, not at the first step
         self.save_hyperparameters()
         self.model = load_causal_lm(
-            model, model_config, dtype, attn_implementation, quantization, compute_dtype, double_quant
+            model, model_config, dtype, attn_implementation, quantization, compute_dtype, double_quant, local_files_only
         )
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps it: dropout would be off
-        self.tokenizer = load_tokenizer_for(model, tokenizer)
+        self.tokenizer = load_tokenizer_for(model, tokenizer, local_files_only)
         if model_config is not None and len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"model.model_config.vocab_size={self.model.config.vocab_size} is smaller than the tokenizer "

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from smt.blocks import BlockGrid
+from smt.patterns import Pattern, name_matcher, no_match_error
 
 FORMAT = "smt.selection"
 FORMAT_VERSION = 1
@@ -274,15 +274,19 @@ def _take(order: torch.Tensor, owner: list[int], mins: list[int], cap: int | Non
     return taken
 
 
-def assign_pools(module_names: list[str], pool_patterns: dict[str, str]) -> dict[str, list[str]]:
-    """Put each module in the first pool whose pattern it matches.
+def assign_pools(module_names: list[str], pool_patterns: dict[str, Pattern]) -> dict[str, list[str]]:
+    """Put each module in the first pool whose pattern matches its whole name (or a listed suffix).
 
     Raises:
-        ValueError: a module matches no pool.
+        ValueError: a pool's pattern matches no target module, or a module matches no pool.
     """
+    matchers = {pool: name_matcher(pattern, f"smt.pools.{pool}.pattern") for pool, pattern in pool_patterns.items()}
+    for pool, matches in matchers.items():
+        if not any(matches(name) for name in module_names):
+            raise no_match_error(f"smt.pools.{pool}.pattern", pool_patterns[pool], module_names, "target module")
     members: dict[str, list[str]] = {pool: [] for pool in pool_patterns}
     for name in module_names:
-        pool = next((p for p, pattern in pool_patterns.items() if re.search(pattern, name)), None)
+        pool = next((p for p, matches in matchers.items() if matches(name)), None)
         if pool is None:
             raise ValueError(
                 f"smt.pools: target module {name} matches no pool pattern; add a pool or narrow target_modules"

@@ -1,4 +1,4 @@
-"""Shared test setup: fixed seeds for every test, the gpu marker, tests/ on the import path."""
+"""Shared test setup: offline hub, fixed seeds for every test, the gpu marker, tests/ on the import path."""
 
 import os
 import sys
@@ -11,6 +11,10 @@ import torch  # noqa: E402
 # real compiler must be used, or the GPU tests would silently test the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never touch the network: models, tokenizers and data sets named by hub id come from caches the tests
+# write (huggingface_hub and datasets read these before any test imports them; subprocesses inherit them).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -41,3 +45,39 @@ class TwoLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.tanh(self.up(x)))
+
+
+def write_hub_snapshot(cache: Path, repo_id: str, folder: Path, repo_type: str = "model") -> Path:
+    """Put the files of ``folder`` into huggingface_hub's cache layout under ``cache``, as a download would.
+
+    ``<type>s--owner--name/snapshots/<revision>/<files>`` plus ``refs/main`` naming the revision: what
+    ``from_pretrained(repo_id)`` reads when offline (``HF_HUB_OFFLINE=1``) with ``HF_HUB_CACHE=cache``.
+    """
+    revision = "0" * 40
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo
+
+
+def write_hub_dataset(cache: Path, repo_id: str, splits: dict[str, list[dict]], config: str = "default") -> Path:
+    """Put a data set into ``datasets``' cache layout under ``cache``, as ``load_dataset(repo_id)`` online would.
+
+    ``owner___name/<config>/<version>/<hash>/`` with ``dataset_info.json`` and one Arrow file per split: what
+    ``load_dataset(repo_id, split=...)`` reads when offline (``HF_HUB_OFFLINE=1``) with ``HF_DATASETS_CACHE=cache``.
+    """
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo_id.split("/")
+    sources = cache / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(sources / f"{name}-{split}.jsonl")
+        Path(files[split]).write_text("\n".join(json.dumps(row) for row in rows))
+    builder = Json(cache_dir=str(cache / "build"), dataset_name=name, config_name=config, data_files=files)
+    builder.download_and_prepare()
+    target = cache / f"{owner}___{name}" / config / "0.0.0" / ("0" * 16)
+    shutil.copytree(builder.cache_dir, target)
+    return target

@@ -14,7 +14,7 @@ from helpers import TwoLayer, tiny_gpt2
 from lightning.pytorch import Callback, LightningModule
 from torch.utils.data import DataLoader
 
-from smt.model import get_bank, merged, sparse_layers
+from smt.model import bank_holder, get_bank, merged, sparse_layers
 
 LOADER_LENGTH = 64
 QUIET = {
@@ -161,8 +161,8 @@ def assert_only_selected_blocks_changed(
     effective weights ``W0 + Δ`` differ from ``before`` only inside the selected blocks."""
     bank = get_bank(network)
     assert bank is not None and bank.tuning
-    after = {name: p.detach() for name, p in network.named_parameters() if not name.startswith("smt_bank.")}
-    assert set(after) == set(before) - {n for n in before if n.startswith("smt_bank.")}
+    after = {name: p.detach() for name, p in network.named_parameters() if "smt_bank" not in name.split(".")}
+    assert set(after) == set(before) - {n for n in before if "smt_bank" in n.split(".")}
     for name, value in after.items():
         if name in trained:
             assert not torch.equal(value, before[name]), f"{name} was meant to train but did not change"
@@ -170,8 +170,10 @@ def assert_only_selected_blocks_changed(
             assert torch.equal(value, before[name]), f"{name} changed"
     blocks = bank.blocks()
     changed_somewhere = False
+    holder = bank_holder(network)  # the bank sits on the attribute holding the targets: names are relative to it
+    prefix = next(f"{n}." if n else "" for n, m in network.named_modules() if m is holder)
     for name, weight in effective_weights(network).items():
-        base = before[f"{name}.weight"]
+        base = before[f"{prefix}{name}.weight"]
         mask = selected_mask(sparse_layers(network)[name], blocks.get(name, torch.empty(0, 2, dtype=torch.long)))
         assert torch.equal(weight[~mask], base[~mask]), f"{name}: a weight outside the selected blocks changed"
         changed_somewhere |= not torch.equal(weight[mask], base[mask])

@@ -98,7 +98,7 @@ def test_frozen_weights_are_untouched_and_slots_trained(ddp, single):
     initial = ShardedRegressor(SAMPLES).state_dict()
     for name in ("net.up.weight", "net.up.bias", "net.down.weight"):
         assert torch.equal(rank0["state"][name], initial[name])
-    assert any(rank0["state"][f"smt_bank.slots.{i}"].abs().sum() > 0 for i in range(3))
+    assert any(rank0["state"][f"net.smt_bank.slots.{i}"].abs().sum() > 0 for i in range(3))  # bank on self.net
 
 
 @pytest.mark.parametrize("step", [2, 4], ids=["inside-warmup", "inside-regrowth-window"])

@@ -1,4 +1,4 @@
-"""Adapter round trips through the ``smt`` command: fit → export (delta, merged, LoRA) → merge → plain transformers.
+"""Adapter round trips through the ``smt`` command: fit → export (delta, merged, SHiRA, LoRA) → merge → plain models.
 
 One real ``smt fit --config configs/debug.yaml`` runs in-process; every test reads what it wrote. The SMT
 model's forward (base + bank) is the reference each exported form must reproduce.
@@ -43,6 +43,8 @@ def exported(tmp_path_factory, train_file):
             "64",
             "--lora_out",
             "lora",
+            "--peft",
+            "shira",
         ]
         assert main(["export", str(checkpoint), *args]) == 0
     tuned = module.model.eval()
@@ -87,6 +89,15 @@ def test_lora_export_loads_in_peft_and_matches_the_exact_delta_at_full_rank(expo
     report = json.loads((exported.root / "lora" / "smt_lora_report.json").read_text())
     assert report["rank"] == 64 and max(report["modules"].values()) < 1e-6 and report["output_error"] < 1e-5
     peft_model = PeftModel.from_pretrained(load_plain(exported.root / "base"), str(exported.root / "lora")).eval()
+    torch.testing.assert_close(logits(peft_model), exported.reference, rtol=0, atol=1e-5)
+
+
+def test_peft_export_loads_in_peft_and_reproduces_the_tuned_logits(exported):
+    from peft import PeftModel
+
+    config = json.loads((exported.root / "shira" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIRA"
+    peft_model = PeftModel.from_pretrained(load_plain(exported.root / "base"), str(exported.root / "shira")).eval()
     torch.testing.assert_close(logits(peft_model), exported.reference, rtol=0, atol=1e-5)
 
 

@@ -352,7 +352,7 @@ def test_bad_arguments_fail_at_construction(tmp_path):
 def test_tokenizer_is_loaded_locally_or_explained(tmp_path):
     _one_line_error("no tokenizer", lambda: InstructionDataModule(train_path="x.json").tokenizer)
     missing = str(tmp_path / "no-such-model")
-    _one_line_error("local_files_only", lambda: InstructionDataModule(tokenizer=missing).tokenizer)
+    _one_line_error("neither a folder nor a hub id", lambda: InstructionDataModule(tokenizer=missing).tokenizer)
     _tokenizer(with_pad=False).save_pretrained(tmp_path / "tok")
     loaded = InstructionDataModule(tokenizer=str(tmp_path / "tok")).tokenizer
     assert loaded.pad_token_id == loaded.eos_token_id == 3

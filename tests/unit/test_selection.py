@@ -58,7 +58,7 @@ def test_density_budget_counts_ragged_blocks_by_real_size():
 def test_pools_give_attention_and_mlp_their_own_budgets():
     grids = {"l.0.attn.q_proj": GRID, "l.0.attn.v_proj": GRID, "l.0.mlp.up_proj": GRID}
     config = SMTConfig(
-        pools={"attention": {"pattern": r"attn", "num_blocks": 2}, "mlp": {"pattern": r"mlp", "density": 0.25}}
+        pools={"attention": {"pattern": r".*attn.*", "num_blocks": 2}, "mlp": {"pattern": ["up_proj"], "density": 0.25}}
     )
     pools = plan_pools(config, grids)
     assert [(p.name, p.k, len(p.modules)) for p in pools] == [("attention", 2, 2), ("mlp", 4, 1)]
@@ -67,7 +67,7 @@ def test_pools_give_attention_and_mlp_their_own_budgets():
     assert chosen["l.0.mlp.up_proj"].shape[0] == 4
     assert chosen["l.0.attn.q_proj"].shape[0] + chosen["l.0.attn.v_proj"].shape[0] == 2
     with pytest.raises(ValueError, match="matches no pool"):
-        plan_pools(SMTConfig(pools={"attention": {"pattern": "attn", "num_blocks": 1}}), grids)
+        plan_pools(SMTConfig(pools={"attention": {"pattern": ".*attn.*", "num_blocks": 1}}), grids)
 
 
 def test_nonfinite_scores_never_select():

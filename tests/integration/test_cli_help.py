@@ -1,0 +1,29 @@
+"""``smt --help`` lists every subcommand, and ``smt <command> --help`` documents each one (issue 16, point 4)."""
+
+import pytest
+
+from smt.cli import COMMANDS, main
+
+
+def test_top_level_help_lists_every_command_with_one_line(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "select", "export", "merge"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(command + " "))
+        assert len(line.split(maxsplit=1)[1]) > 20  # a real summary, not just the name
+    assert main([]) == 0 and capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_has_its_own_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and ("--config" in out or command in ("export", "merge"))
+
+
+def test_unknown_command_names_the_real_ones(capsys):
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'frobnicate'" in err and "select" in err and "merge" in err

@@ -378,16 +378,16 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
 
 def selection_stats(model) -> dict:
     """Where an SMT selection put its blocks: modules used, and the share of each input column block."""
-    from smt.model import current_selection
+    from smt.model import current_selection, sparse_layers
 
     selection = current_selection(model)
     columns: dict[int, int] = {}
     for index in selection.blocks.values():
         for col in index[:, 1].tolist():
             columns[col] = columns.get(col, 0) + 1
-    used = sum(1 for index in selection.blocks.values() if index.shape[0])
-    return {"modules_used": used, "modules": len(selection.blocks), "blocks": selection.num_blocks,
-            "column_blocks": dict(sorted(columns.items()))}  # fmt: skip
+    per_module = {name: int(index.shape[0]) for name, index in selection.blocks.items() if index.shape[0]}
+    return {"modules_used": len(per_module), "modules": len(sparse_layers(model)), "blocks": selection.num_blocks,
+            "column_blocks": dict(sorted(columns.items())), "per_module": per_module}  # fmt: skip
 
 
 def run_cell(cell: Cell, harness: Harness) -> dict:

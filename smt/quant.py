@@ -171,7 +171,9 @@ def keep_trainable(model: nn.Module) -> int:
         if getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                layer.weight.data, state
+            )
             restored += 1
     return restored
 

@@ -27,9 +27,10 @@ from smt.data import InstructionDataModule
 from smt.guards import NonFiniteGuard, TrainingDivergedError
 from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
+from smt.progress import NothingTrainedError
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)
-RUN_ERRORS = (TrainingDivergedError, WriteFailedError)  # one line too, exit code 1: the run, not the input, failed
+RUN_ERRORS = (TrainingDivergedError, WriteFailedError, NothingTrainedError)  # one line, exit 1: the run failed
 
 
 class SMTCLI(LightningCLI):

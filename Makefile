@@ -1,17 +1,21 @@
 # One entry point for the README's two commands and CI. Torch is installed first and pinned so that
-# nothing pulls a CUDA build on a CPU machine (see ../shared/ENVIRONMENT.md).
+# nothing pulls a CUDA build on a CPU machine (see ../shared/ENVIRONMENT.md). Every install is held to
+# the exact versions in constraints.txt (what the suite passed with); pyproject.toml keeps ranges for
+# `pip install` users. On a machine with another torch: make setup TORCH=torch==X CONSTRAINTS=
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup test test-slow quickstart lint
+.PHONY: setup test test-slow quickstart lint lock
 
-$(BIN)/smt: pyproject.toml
+$(BIN)/smt: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q $(PIN) "$(TORCH)"
+	$(BIN)/pip install -q $(PIN) -e ".[test]"
 	touch $(BIN)/smt
 
 setup: $(BIN)/smt
@@ -29,3 +33,12 @@ quickstart: setup
 
 lint: setup
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check smt tests scripts
+
+# Re-resolve the newest versions pyproject.toml allows in a scratch venv and write them as the new pins
+# (the editable smt itself left out, torch without its +cpu tag). Then `make test`; commit constraints.txt if green.
+lock:
+	scratch=$$(mktemp -d) && $(PYTHON) -m venv $$scratch \
+	&& $$scratch/bin/pip install -q "$(TORCH)" && $$scratch/bin/pip install -q -e ".[test]" \
+	&& { sed -n '1,2p' constraints.txt; $$scratch/bin/pip freeze --exclude-editable \
+	     | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new \
+	&& mv constraints.txt.new constraints.txt && rm -rf $$scratch

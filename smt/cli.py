@@ -20,6 +20,7 @@ import warnings
 from types import MethodType
 
 from lightning.pytorch.cli import LightningCLI, instantiate_class
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smt.callbacks import SparseMatrixTuning
 from smt.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except PreemptedError as stop:
         print(f"smt: stopped by SIGTERM at step {stop.step}; resume with --ckpt_path {stop.path}", file=sys.stderr)
+        return 143
+    except SIGTERMException:  # Lightning's own stop (a SystemExit without a code: it would exit 0)
+        print(
+            "smt: stopped by SIGTERM before a checkpoint could be saved; resume from the last one, if any",
+            file=sys.stderr,
+        )
         return 143
     return 0
 

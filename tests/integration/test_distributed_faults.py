@@ -87,7 +87,7 @@ def test_slots_that_never_move_stop_both_ranks(tmp_path):
     from distributed_modules import BATCH, WORLD, ShardedRegressor
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import DDPStrategy
-    from test_noop_guards import DropSlotGradients
+    from plain_modules import DropSlotGradients
 
     from smt import SparseMatrixTuning
 

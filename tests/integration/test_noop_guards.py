@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEBUG_CONFIG
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from plain_modules import QUIET, Regressor
+from plain_modules import QUIET, DropSlotGradients, Regressor
 
 from smt import SparseMatrixTuning
 from smt.cli import main
@@ -35,16 +35,6 @@ class DetachedRegressor(Regressor):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = self.batch_at(self.global_step)
         return F.mse_loss(self.net.down(torch.tanh(self.net.up(x)).detach()), y)
-
-
-class DropSlotGradients(Callback):
-    """After the selection every slot's gradient is dropped before the optimizer step: Δ never moves."""
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bank = get_bank(pl_module)
-        if bank is not None and bank.tuning:
-            for slot in bank.slots:
-                slot.grad = None
 
 
 def fit(module, max_steps: int, *callbacks, ckpt_path=None, folder=None, **smt_args) -> SparseMatrixTuning:

@@ -63,6 +63,5 @@ def pytest_sessionfinish(session, exitstatus):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.ensure_newline()
-        reporter.write_line(f"tests left {new} in the checkout {REPO}; write them under tmp_path", red=True)
+        reporter.write_sep("=", f"tests left {new} in the checkout {REPO}; write them under tmp_path", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED

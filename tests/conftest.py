@@ -22,6 +22,19 @@ TOOL_CACHES = {".venv", ".pytest_cache", ".hypothesis", "__pycache__", ".ruff_ca
 UNTRACKED_BEFORE = pytest.StashKey[set | None]()
 
 
+def pytest_configure(config):
+    """``SMT_TEST_CPU=avx2``: bitsandbytes behaves as on a CPU without AVX512-BF16 (no 4-bit repacking).
+
+    With ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (read by torch at start) the suite then runs the
+    kernels an AVX2-only machine runs: ``make test-avx2``.
+    """
+    if os.environ.get("SMT_TEST_CPU") == "avx2":
+        import bitsandbytes.functional
+        import bitsandbytes.nn.modules
+
+        bitsandbytes.functional.has_avx512bf16 = bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)

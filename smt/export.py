@@ -85,7 +85,7 @@ def run_export(args: list[str]) -> None:
     bank = get_bank(module.model)
     if bank is None or not bank.tuning:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
-    refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"an export of {options.checkpoint}")
+    refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"export {options.checkpoint}")
     if options.delta:
         print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
     if options.lora is not None:

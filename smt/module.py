@@ -345,7 +345,7 @@ class SMTLanguageModel(LightningModule):
             return
         # Every rank decides alike (FSDP2 holds slot shards), so all of them stop together on an all-zero Δ.
         moved = self.trainer.strategy.reduce(local_slots_moved(bank.slots), reduce_op="sum")
-        refuse_all_zero_delta(float(moved) > 0, " and ".join(outputs))
+        refuse_all_zero_delta(float(moved) > 0, "write " + " and ".join(outputs))
         sharded = self.device_mesh is not None  # FSDP2: gathering slots is a collective, every rank takes part
         if not (self.trainer.is_global_zero or sharded):
             return

@@ -66,15 +66,15 @@ def nothing_trained_message(steps: int) -> str:
     )
 
 
-def refuse_all_zero_delta(moved: bool, what: str) -> None:
-    """Raise instead of writing ``what`` when Δ is exactly 0 in every slot.
+def refuse_all_zero_delta(moved: bool, action: str) -> None:
+    """Raise instead of doing ``action`` (``write …``, ``export …``) when Δ is exactly 0 in every slot.
 
     Raises:
         NothingTrainedError: nothing moved.
     """
     if not moved:
         raise NothingTrainedError(
-            f"Δ is exactly 0 in every slot (lr 0, or no gradient reached the blocks): refusing to write {what}; "
+            f"Δ is exactly 0 in every slot (lr 0, or no gradient reached the blocks): refusing to {action}; "
             f"check model.lr and {WHAT_TO_CHECK}"
         )
 

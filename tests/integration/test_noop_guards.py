@@ -111,8 +111,8 @@ def test_smt_fit_at_lr_0_refuses_its_delta_and_export_refuses_the_checkpoint(tra
     assert main(["export", "steps/step=4.ckpt", "--delta", "out.safetensors"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (
-        "smt: error: Δ is exactly 0 in every slot (lr 0, or no gradient reached the blocks): refusing to write an "
-        "export of steps/step=4.ckpt; check model.lr and frozen or detached paths (no_grad, .detach()), a quantized "
+        "smt: error: Δ is exactly 0 in every slot (lr 0, or no gradient reached the blocks): refusing to export "
+        "steps/step=4.ckpt; check model.lr and frozen or detached paths (no_grad, .detach()), a quantized "
         "base's backward, labels all masked"
     )
     assert not (tmp_path / "out.safetensors").exists()

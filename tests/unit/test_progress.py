@@ -66,7 +66,7 @@ def test_progress_check_is_due_once_after_the_counted_steps_and_resumes():
 
 
 def test_an_all_zero_delta_is_refused_in_one_line():
-    refuse_all_zero_delta(True, "d.safetensors")
+    refuse_all_zero_delta(True, "write d.safetensors")
     with pytest.raises(NothingTrainedError, match="refusing to write d.safetensors; check model.lr") as error:
-        refuse_all_zero_delta(False, "d.safetensors")
+        refuse_all_zero_delta(False, "write d.safetensors")
     assert "\n" not in str(error.value)

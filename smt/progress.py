@@ -59,13 +59,6 @@ def slots_learning_rate_positive(optimizers: Iterable[torch.optim.Optimizer], sl
     return any(group["lr"] > 0 for group in groups if any(id(p) in ids for p in group["params"]))
 
 
-def nothing_trained_message(steps: int) -> str:
-    return (
-        f"Δ is still exactly 0 in every slot after {steps} tuning steps with lr > 0: nothing is training; "
-        f"check {WHAT_TO_CHECK} (smt.check_progress_after=0 turns this check off)"
-    )
-
-
 def refuse_all_zero_delta(moved: bool, action: str) -> None:
     """Raise instead of doing ``action`` (``write …``, ``export …``) when Δ is exactly 0 in every slot.
 
@@ -112,7 +105,10 @@ class ProgressCheck:
         """
         self.checked, self.due = True, False
         if not moved:
-            raise NothingTrainedError(nothing_trained_message(self.steps))
+            raise NothingTrainedError(
+                f"Δ is still exactly 0 in every slot after {self.steps} tuning steps with lr > 0: nothing is "
+                f"training; check {WHAT_TO_CHECK} (smt.check_progress_after=0 turns this check off)"
+            )
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "checked": self.checked}

@@ -14,6 +14,9 @@ Lifecycle (hook order verified against lightning 2.6 ``Trainer._run``: ``setup``
   compared across ranks, the slots pointed at the blocks, their optimizer state cleared, tuning on.
 - state: the map and phase are module buffers/extra state (restored with the weights); the warm-up's
   step count and partial scores are this callback's ``state_dict``, so resume never repeats a warm-up.
+- no silent no-op (``smt.progress``): a warm-up whose gradient scores are all exactly 0 stops at selection;
+  Δ still exactly 0 in every slot after ``check_progress_after`` tuning steps with lr > 0 stops the run
+  (one flag reduced over ranks, at that one step; the count is in the ``state_dict``, so it survives resume).
 
 The LR schedule should start after the warm-up: ``SMTLanguageModel`` does this itself; in your own
 module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warmup_offset``).
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from smt.config import PoolConfig, RegrowthConfig, SMTConfig
@@ -61,6 +64,12 @@ from smt.placement import (
     relative_names,
     relative_selection,
     relocate_root_bank,
+)
+from smt.progress import (
+    ProgressCheck,
+    check_gradients_reached,
+    local_slots_moved,
+    slots_learning_rate_positive,
 )
 from smt.regrowth import Regrower
 from smt.scoring import CRITERIA, check_accumulator_memory
@@ -106,6 +115,8 @@ class SparseMatrixTuning(Callback):
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
         regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
         regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).
+        check_progress_after: stop with an error when Δ is still exactly 0 in every slot after this many tuning
+            optimizer steps with lr > 0 (a run that trains nothing); a shorter run is checked at its end. 0 = off.
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class SparseMatrixTuning(Callback):
         stop_after_selection: bool = False,
         regrowth: RegrowthConfig | None = None,
         regrowth_heatmaps: str | None = None,
+        check_progress_after: int = 10,
     ) -> None:
         self.config = SMTConfig(
             list(target_modules) if isinstance(target_modules, tuple) else target_modules,
@@ -149,6 +161,7 @@ class SparseMatrixTuning(Callback):
         self.regrower: Regrower | None = None
         self._network_path: str | None = None  # the default holder's attribute, once found ("" = the module itself)
         self._network_config = self.config  # patterns as names relative to the network that gets the bank
+        self.progress = ProgressCheck(check_progress_after)
         self.tuning_start = 0
         self._pending_regrowth: dict | None = None
         self._batch_key: tuple[int, int] | None = None
@@ -307,8 +320,11 @@ class SparseMatrixTuning(Callback):
         if self._batch_key == self._last_counted:
             return  # a second optimizer on the same batch: this step is already counted
         self._last_counted = self._batch_key
-        if self.phase == "tuning" and self.regrower is not None and self.regrower.scorers:
-            self.regrower.commit_step(_finite_everywhere(trainer, self.regrower.scorers.values(), pl_module))
+        if self.phase == "tuning":
+            if self.regrower is not None and self.regrower.scorers:
+                self.regrower.commit_step(_finite_everywhere(trainer, self.regrower.scorers.values(), pl_module))
+            slots = get_bank(self.target(pl_module)).slots
+            self.progress.count_step(slots_learning_rate_positive(trainer.optimizers, slots))
         if self.phase != "warmup":
             return
         # Lightning unscaled (and recorded GradScaler's inf check) before this hook, so None is safe under fp16.
@@ -324,8 +340,20 @@ class SparseMatrixTuning(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         left = max(0, self.config.warmup_steps - self.steps_scored) if self.phase == "warmup" else 0
         pl_module.log("smt/warmup_left", float(left), prog_bar=True)
+        if self.progress.due:  # before regrowth, which zeroes the slots it swaps
+            self._check_progress(trainer, pl_module)
         if self.phase == "tuning" and self.regrower is not None:
             self._maybe_regrow(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.progress.due_at_end:  # a run shorter than check_progress_after tuning steps
+            self._check_progress(trainer, pl_module)
+
+    def _check_progress(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Did any slot move? One flag summed over ranks: every rank stops together, before this step's checkpoint."""
+        moved = local_slots_moved(get_bank(self.target(pl_module)).slots)
+        self.progress.check(float(_reduce_sum(trainer, moved, pl_module)) > 0)
 
     def _maybe_regrow(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After an optimizer step that ends a regrowth interval: prune and regrow (shapes unchanged)."""
@@ -350,6 +378,9 @@ class SparseMatrixTuning(Callback):
         network = self.target(pl_module)
         for scorer in self._scorers.values():
             scorer.reduce_(lambda t: _reduce_sum(trainer, t, pl_module))
+        silent = check_gradients_reached(self._scorers, self.steps_scored)
+        if silent:
+            rank_zero_warn(f"smt: no gradient reached {len(silent)} targeted module(s) in the warm-up: {silent[:5]}")
         model_id = getattr(getattr(network, "config", None), "_name_or_path", None)
         selection = select_blocks(network, self._network_config, self._scorers, self.steps_scored, model_id)
         check_same_selection(selection.fingerprint(), lambda t: trainer.strategy.all_gather(t.to(pl_module.device)))
@@ -377,6 +408,7 @@ class SparseMatrixTuning(Callback):
             "scorers": {name: s.state_dict() for name, s in self._scorers.items()},
             "tuning_start": self.tuning_start,
             "regrowth": None if self.regrower is None else self.regrower.state_dict(),
+            "progress": self.progress.state_dict(),
         }
 
     @override
@@ -401,6 +433,7 @@ class SparseMatrixTuning(Callback):
         self.steps_scored = int(state_dict["steps_scored"])
         self.tuning_start = int(state_dict.get("tuning_start", 0))
         self._pending_regrowth = state_dict.get("regrowth")
+        self.progress.load_state_dict(state_dict.get("progress", {}))
         if state_dict["phase"] == "warmup":
             if self._scorers:
                 self._load_scorers(state_dict)

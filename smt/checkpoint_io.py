@@ -7,12 +7,14 @@
   runs) the zip container is checked: every record stored uncompressed (what ``torch.save`` writes, so a
   record's size is bounded by the file's and a hostile header cannot make it allocate more) and every CRC-32
   right (a flipped bit is refused, not loaded as a wrong weight).
-- ``PreemptionCheckpoint``: on SIGTERM (cluster pre-emption) the run saves ``last.ckpt`` after the current
-  optimizer step and exits; ``--ckpt_path last`` resumes it.
+- ``PreemptionCheckpoint``: on SIGTERM (cluster pre-emption) the run saves ``last.ckpt`` at the next training
+  or validation batch end and exits; ``--ckpt_path last`` resumes it.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,20 +39,29 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         ValueError: missing, truncated, bit-flipped or hostile file, or not a Lightning checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist; check the path")
-    _verify_container(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for damaged or hostile files
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ValueError(f"checkpoint {path} cannot be read safely ({reason}); is it a Lightning .ckpt?") from err
+    return _lightning_checkpoint(path, _load_verified(path, map_location))
+
+
+def _lightning_checkpoint(path: Path, checkpoint: Any) -> dict:
+    """``checkpoint`` if it is a Lightning checkpoint whose state dict holds only named tensors."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"checkpoint {path} has no state_dict; give a Lightning checkpoint (.ckpt)")
     bad = [k for k, v in checkpoint["state_dict"].items() if not isinstance(k, str) or not _is_state(k, v)]
     if bad:
         raise ValueError(f"checkpoint {path}: state_dict entry {bad[0]!r} is not a named tensor; the file is damaged")
     return checkpoint
+
+
+def _load_verified(path: Path, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` of a file whose zip container was checked first."""
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist; check the path")
+    _verify_container(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for damaged or hostile files
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f"checkpoint {path} cannot be read safely ({reason}); is it a Lightning .ckpt?") from err
 
 
 def _is_state(key: str, value: Any) -> bool:
@@ -107,7 +118,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         if weights_only is False:
             raise ValueError(f"checkpoint {path}: smt never unpickles code (weights_only=False was asked for)")
-        return read_checkpoint(path, map_location if map_location is not None else "cpu")
+        loaded = _load_verified(Path(path), map_location if map_location is not None else "cpu")
+        if isinstance(loaded, dict) and "state_dict" not in loaded and all(_is_state(k, v) for k, v in loaded.items()):
+            return loaded  # a bare state dict: how ddp_spawn/ddp_fork hand rank 0's weights to the main process
+        return _lightning_checkpoint(Path(path), loaded)
 
 
 def with_atomic_checkpoint_io(plugins: Any) -> list:
@@ -121,11 +135,16 @@ def with_atomic_checkpoint_io(plugins: Any) -> list:
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM, save ``last.ckpt`` after the current optimizer step and stop (exit status of SIGTERM).
+    """On SIGTERM, save ``last.ckpt`` at the next training or validation batch end and stop (exit status 143).
 
-    Lightning only notes a SIGTERM (and on one device acts on it at the end of the epoch): a pre-empted job
-    would lose everything since its last periodic checkpoint. All ranks decide together after each training
-    batch. A SIGTERM during validation stops there (Lightning's own rule) without a new checkpoint.
+    Lightning only notes a SIGTERM and acts on it at fixed points (after a validation batch, at the end of a
+    training batch's validation, at an epoch's end) without a checkpoint: a pre-empted job would lose
+    everything since its last periodic checkpoint. Under DDP its handler also runs a broadcast from inside the
+    signal handler, a collective that can pair with any other, and each rank stops on its own. So from the
+    sanity check on this callback's own handler only notes the signal, and all ranks decide together after
+    each training batch and each validation batch of ``fit`` (one summed flag; on one device no tensor, no
+    host sync). A checkpoint taken mid-validation holds the state after the last optimizer step, as one taken
+    after that training batch would: resuming repeats no step (validation changes no weight).
 
     Example:
         >>> trainer = Trainer(callbacks=[PreemptionCheckpoint()])  # on by default in `smt fit`
@@ -133,11 +152,38 @@ class PreemptionCheckpoint(Callback):
 
     def __init__(self) -> None:
         self.saved_path: Path | None = None
+        self._received = False
+
+    @override
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._listen()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._listen()  # no sanity check ran (Lightning installs its handlers just before it would)
+
+    def _listen(self) -> None:
+        """Replace Lightning's SIGTERM handler by one that only notes the signal (Lightning restores it at teardown)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self._received = True
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        received = bool(getattr(trainer, "received_sigterm", False))
-        if trainer.world_size > 1:  # all ranks stop together; on one device no tensor, no host sync per step
+        self._stop_if_signalled(trainer, pl_module)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # before any step there is nothing to save
+            self._stop_if_signalled(trainer, pl_module)
+
+    def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        received = self._received or bool(getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:  # all ranks stop together
             flag = torch.tensor(float(received), device=pl_module.device)
             received = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0.0
         if not received:

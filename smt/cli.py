@@ -21,6 +21,7 @@ import warnings
 from types import MethodType
 
 from lightning.pytorch.cli import LightningCLI, instantiate_class
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smt.callbacks import SparseMatrixTuning
 from smt.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
@@ -28,6 +29,7 @@ from smt.data import InstructionDataModule
 from smt.guards import NonFiniteGuard, TrainingDivergedError
 from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
+from smt.progress import NothingTrainedError
 
 COMMANDS = {
     "fit": "warm-up, select blocks, train them; writes checkpoints, the delta file and/or the merged model",
@@ -40,7 +42,7 @@ COMMANDS = {
 }
 """Every ``smt`` subcommand and its one-line summary (what ``smt --help`` prints)."""
 USAGE_ERRORS = (ValueError, FileNotFoundError)
-RUN_ERRORS = (TrainingDivergedError, WriteFailedError)  # one line too, exit code 1: the run, not the input, failed
+RUN_ERRORS = (TrainingDivergedError, WriteFailedError, NothingTrainedError)  # one line, exit 1: the run failed
 
 
 class SMTCLI(LightningCLI):
@@ -165,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except PreemptedError as stop:
         print(f"smt: stopped by SIGTERM at step {stop.step}; resume with --ckpt_path {stop.path}", file=sys.stderr)
+        return 143
+    except SIGTERMException:  # Lightning's own stop (a SystemExit without a code: it would exit 0)
+        print(
+            "smt: stopped by SIGTERM before a checkpoint could be saved; resume from the last one, if any",
+            file=sys.stderr,
+        )
         return 143
     return 0
 

@@ -15,6 +15,7 @@ import torch
 
 from smt.delta import save_delta
 from smt.model import DTYPES, get_bank, inject_from_state, merge_delta
+from smt.progress import local_slots_moved, refuse_all_zero_delta
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -87,8 +88,10 @@ def run_export(args: list[str]) -> None:
     if options.lora is not None and options.lora < 1:
         raise ValueError(f"smt export --lora {options.lora}: the rank must be at least 1")
     module = model_from_checkpoint(options.checkpoint)
-    if get_bank(module.model) is None or not get_bank(module.model).tuning:
+    bank = get_bank(module.model)
+    if bank is None or not bank.tuning:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
+    refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"export {options.checkpoint}")
     if options.delta:
         print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
     if options.peft:

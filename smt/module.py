@@ -23,6 +23,7 @@ from smt.data import IGNORE_INDEX
 from smt.hub import from_pretrained
 from smt.loss import labelled_positions_loss
 from smt.model import get_bank, merged, plain_state_dict
+from smt.progress import local_slots_moved, refuse_all_zero_delta
 from smt.quant import (
     OPTIMIZERS,
     QUANTIZATIONS,
@@ -335,11 +336,17 @@ class SMTLanguageModel(LightningModule):
 
     def on_fit_end(self) -> None:
         bank = get_bank(self.model)
-        sharded = self.device_mesh is not None  # FSDP2: gathering slots is a collective, every rank takes part
-        if not (self.trainer.is_global_zero or sharded) or bank is None:
+        outputs = [path for path in (self.hparams.delta_path, self.hparams.merged_dir) if path]
+        if bank is None or not outputs:
             return
         if not bank.tuning:
             rank_zero_info("smt: fit ended inside the warm-up (no selection yet): no delta or merged model written")
+            return
+        # Every rank decides alike (FSDP2 holds slot shards), so all of them stop together on an all-zero Δ.
+        moved = self.trainer.strategy.reduce(local_slots_moved(bank.slots), reduce_op="sum")
+        refuse_all_zero_delta(float(moved) > 0, "write " + " and ".join(outputs))
+        sharded = self.device_mesh is not None  # FSDP2: gathering slots is a collective, every rank takes part
+        if not (self.trainer.is_global_zero or sharded):
             return
         if self.hparams.delta_path:
             from smt.delta import delta_state

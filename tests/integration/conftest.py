@@ -33,6 +33,16 @@ def train_file(tmp_path_factory) -> Path:
     return write_arithmetic_records(tmp_path_factory.mktemp("data") / "train.json")
 
 
+@pytest.fixture(scope="session")
+def pretrained_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama of ``configs/debug*.yaml``'s shape written with ``save_pretrained`` (a folder base)."""
+    from helpers import tiny_llama
+
+    folder = tmp_path_factory.mktemp("base") / "tiny-llama"
+    tiny_llama(layers=2, hidden=64, vocab=384).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _work_in_tmp_path(tmp_path, monkeypatch):
     """Relative outputs (``runs/``, ``checkpoints/``, ``lightning_logs/``) land in the test's folder."""

@@ -189,3 +189,13 @@ class StopAfterSteps(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+class DropSlotGradients(Callback):
+    """After the selection every slot's gradient is dropped before the optimizer step: Δ never moves."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bank = get_bank(pl_module)
+        if bank is not None and bank.tuning:
+            for slot in bank.slots:
+                slot.grad = None

@@ -10,6 +10,8 @@ chosen point and the next resumed with ``--ckpt_path last``. The CI chain:
 3. SIGTERM during step 6 (pre-emption)                           → saves last.ckpt at step 6, exits 143
 4. resumed in-process                                            → step 8
 
+In-process, a SIGTERM during the validation after step 4 saves last.ckpt at step 4 (exit 143) and resumes to the
+same end.
 The slow chain strikes five times (also after step 4, and inside the regrowth event of step 5). Each chain's
 final weights, selection and delta equal the reference's bit for bit.
 """
@@ -132,6 +134,18 @@ def test_struck_runs_die_and_leave_the_previous_checkpoint(ci_chain, tmp_path):
 
 def test_resumed_chain_equals_the_uninterrupted_run(ci_chain, reference):
     check_equal_to_reference(ci_chain, reference)
+
+
+def test_sigterm_during_validation_saves_a_checkpoint_that_resumes_to_the_uninterrupted_run(
+    reference, train_file, tmp_path, capsys
+):
+    """In-process: the SIGTERM lands in the first validation batch after step 4 (validation every 4 steps)."""
+    assert main(fit_args(train_file, *strike(4, "validation"))) == 143
+    (stop,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smt: stopped")]
+    assert stop.startswith("smt: stopped by SIGTERM at step 4; resume with --ckpt_path") and "last.ckpt" in stop
+    assert read_checkpoint(checkpoints(tmp_path) / "last.ckpt")["global_step"] == 4
+    final_code = main(fit_args(train_file, "--ckpt_path=last"))
+    check_equal_to_reference(SimpleNamespace(folder=tmp_path, final_code=final_code), reference)
 
 
 @pytest.mark.slow

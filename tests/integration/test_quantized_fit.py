@@ -27,16 +27,6 @@ def nf4_args(train_file: Path, *overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pretrained_folder(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with ``save_pretrained``: the base loads through ``BitsAndBytesConfig``."""
-    from helpers import tiny_llama
-
-    folder = tmp_path_factory.mktemp("base") / "tiny-llama"
-    tiny_llama(layers=2, hidden=64, vocab=384).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def nf4_fit(tmp_path_factory, train_file, pretrained_folder):
     """8 steps of ``smt fit`` on the nf4 folder base (slim checkpoints) with adamw8bit; a step-4 checkpoint too."""
     root = tmp_path_factory.mktemp("nf4_fit")

@@ -18,7 +18,9 @@ from smt.quant import (
     build_optimizer,
     dequantized_state_dict,
     dequantized_weight,
+    keep_trainable,
     quant_state_keys,
+    quantize_linear,
     quantize_linear_layers,
     requantize,
     require_bitsandbytes,
@@ -181,6 +183,55 @@ def test_smt_adds_no_dequantization_of_its_own(monkeypatch):
     apply_selection(tuned, selection())
     loss(tuned(x)).backward()
     assert calls == without and len(without) >= 2
+
+
+def input_gradient(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``dL/dx`` through ``layer`` in training mode: zero or missing when the layer's backward is cut."""
+    layer.train()
+    x = x.clone().requires_grad_(True)
+    loss(layer(x)).backward()
+    return torch.zeros_like(x) if x.grad is None else x.grad
+
+
+def test_keep_trainable_restores_a_repacked_4bit_layer_and_opts_it_out():
+    """bitsandbytes repacks a ``Linear4bit`` on an eval forward without grad (AVX512-BF16 CPUs): no backward after."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    layer = quantize_linear(nn.Linear(64, 64), "nf4", torch.float32, True)
+    x = torch.randn(5, 64)
+    expected, weight = input_gradient(layer, x), dequantized_weight(layer)
+    layer.eval()
+    if has_avx512bf16():
+        with torch.no_grad():
+            layer(x)  # a validation pass: bitsandbytes repacks here
+    else:  # AVX2-only CPUs never repack; do to the layer what bitsandbytes' forward does on AVX512-BF16 ones
+        state = layer.weight.quant_state
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data, state)
+        layer.support_avx512bf16_for_cpu = True
+    assert layer.weight.quant_state.packing_format_for_cpu
+
+    assert keep_trainable(layer) == 1
+    assert not layer.weight.quant_state.packing_format_for_cpu and not layer.support_avx512bf16_for_cpu
+    # Repacking stored the scales in bf16 (and re-quantizes double-quant scales on the way back): close, not equal.
+    torch.testing.assert_close(dequantized_weight(layer), weight, rtol=0.02, atol=1e-3)
+    torch.testing.assert_close(input_gradient(layer, x), expected, rtol=0.02, atol=1e-4)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # opted out: no repacking, on any CPU
+    assert not layer.weight.quant_state.packing_format_for_cpu and keep_trainable(layer) == 0
+
+
+def test_int8_layers_have_no_eval_mode_trap():
+    """``Linear8bitLt`` computes an eval forward with another kernel, but changes no state the training path reads."""
+    layer = quantize_linear(nn.Linear(64, 64), "int8", torch.float32, False)
+    x = torch.randn(5, 64)
+    expected = input_gradient(layer, x)
+    assert expected.abs().max() > 0
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert keep_trainable(layer) == 0 and torch.equal(input_gradient(layer, x), expected)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

@@ -429,10 +429,10 @@ def run_base(task: str, harness: Harness) -> dict:
 
 LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4]}
 """Seed-0 learning rates per arm, tried in this order (the middle first, so an early stop still compares arms)."""
-HEADLINE = ["full", "lora", "smt:grad_sq", "smt:random", "smt:grad_snr"]
+HEADLINE = ["lora", "smt:grad_sq", "smt:random", "smt:grad_snr", "full"]
 SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnorm"]
 PLANS = {
-    "sweep": HEADLINE + ["smt:grad_sq_xnorm"],
+    "sweep": [*HEADLINE[:4], "smt:grad_sq_xnorm", "full"],
     "headline": HEADLINE,
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
 }

@@ -9,8 +9,9 @@ CLI parser: held-out loss and three greedy generations (before) → ``fit`` with
 
 The task: GSM8K's worked solutions, short steps ending in ``#### <number>``, a format SmolLM2-135M-Instruct does
 not write by itself, so a few minutes of tuning change its answers visibly (its arithmetic barely improves in
-that time, and the report does not claim it does). Only problems with short solutions are kept
-(≤ ``MAX_SOLUTION_CHARS`` without the ``<<…>>`` calculator notes, ~35 tokens): short steps, short generations.
+that time, and the report does not claim it does). Only short problems are kept (question
+≤ ``MAX_QUESTION_CHARS``, solution ≤ ``MAX_SOLUTION_CHARS`` characters without the ``<<…>>`` calculator notes,
+~100 tokens together): short steps, short generations.
 Without ``../shared/data`` the same files are generated from templates (GSM8K's format, not GSM8K) and the
 report says so. Files, in GSM8K's schema (``question``, ``answer``), under ``runs/quickstart/data``:
 ``train.jsonl`` (GSM8K train), ``val.jsonl`` (held-out loss) and ``samples.jsonl`` (the prompts generated
@@ -47,8 +48,9 @@ def write_task(folder: Path, val_size: int, seed: int = 0) -> str:
     """Write ``train.jsonl``, ``val.jsonl`` and ``samples.jsonl`` into ``folder``; returns what they hold, in words."""
     if (SHARED_GSM8K / "train.jsonl").is_file() and (SHARED_GSM8K / "test.jsonl").is_file():
         train, held_out = _short(SHARED_GSM8K / "train.jsonl"), _short(SHARED_GSM8K / "test.jsonl")
-        what = (f"GSM8K problems with short solutions (≤ {MAX_SOLUTION_CHARS} characters) from {SHARED_GSM8K}: "
-                f"{len(train)} train; from test, held out: {val_size} for the loss, {SAMPLES} to generate")  # fmt: skip
+        what = (f"short GSM8K problems (question ≤ {MAX_QUESTION_CHARS}, solution ≤ {MAX_SOLUTION_CHARS} characters) "
+                f"from {SHARED_GSM8K}: {len(train)} train; from test, held out: {val_size} for the loss, {SAMPLES} to "
+                "generate")  # fmt: skip
     else:
         rng = random.Random(seed)
         train = [generated_problem(rng) for _ in range(800)]

@@ -16,10 +16,12 @@ Errors a person can fix (bad paths, fields, budgets) print one line and exit wit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from types import MethodType
 
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -29,7 +31,11 @@ from smt.data import InstructionDataModule
 from smt.guards import NonFiniteGuard, TrainingDivergedError
 from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
+<<<<<<< HEAD
 from smt.progress import NothingTrainedError
+=======
+from smt.run_logs import SelectionReport, default_logger
+>>>>>>> i16b
 
 COMMANDS = {
     "fit": "warm-up, select blocks, train them; writes checkpoints, the delta file and/or the merged model",
@@ -53,9 +59,24 @@ class SMTCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "guard")  # --guard.max_consecutive N (0 = only skip)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given."""
-        plugins = kwargs.pop("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
-        return super().instantiate_trainer(**kwargs, plugins=with_atomic_checkpoint_io(plugins))
+        """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given.
+
+        An unset (or ``true``) ``trainer.logger`` becomes ``smt.run_logs.default_logger`` (TensorBoard, else CSV,
+        under ``default_root_dir``); with any logger on, a ``LearningRateMonitor`` and the ``SelectionReport``
+        join the callbacks. ``logger: false`` turns all of it off.
+        """
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs.pop("plugins", config.get("plugins"))
+        logger = kwargs.pop("logger", config.get("logger"))
+        if logger is None or logger is True:
+            logger = default_logger(config.get("default_root_dir") or os.getcwd())
+        given = kwargs.pop("callbacks", config.get("callbacks")) or []
+        callbacks = list(given) if isinstance(given, (list, tuple)) else [given]
+        if logger:
+            callbacks += [kind() for kind in (LearningRateMonitor, SelectionReport) if not _has(callbacks, kind)]
+        return super().instantiate_trainer(
+            **kwargs, plugins=with_atomic_checkpoint_io(plugins), logger=logger, callbacks=callbacks
+        )
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's ``--model.*`` values under ``--ckpt_path``.
@@ -91,6 +112,10 @@ class SMTCLI(LightningCLI):
             return cli.configure_optimizers(model, optimizer, scheduler)
 
         self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+
+def _has(callbacks: list, kind: type) -> bool:
+    return any(isinstance(callback, kind) for callback in callbacks)
 
 
 def run_lightning(args: list[str]) -> SMTCLI:

@@ -2,8 +2,8 @@
 
 Once per optimizer step, the same decision on every rank (one all-reduce): were every loss of the step's
 micro-batches and every trainable gradient finite? If not, all gradients are dropped before the optimizer
-runs (``None``: no update, no weight decay, no optimizer state), the skip is counted and logged
-(``smt/skipped_steps``), and after ``max_consecutive`` skipped steps in a row the run stops with
+runs (``None``: no update, no weight decay, no optimizer state), the skip is counted (the running count is
+logged every step as ``smt/skipped_steps``), and after ``max_consecutive`` skipped steps in a row the run stops with
 ``TrainingDivergedError``, leaving every checkpoint written so far as it was (skipped steps change no weight).
 
 How it composes:
@@ -68,7 +68,6 @@ class NonFiniteGuard(Callback):
         drop_gradients(optimizer)
         self.skipped_steps += 1
         self.consecutive += 1
-        pl_module.log("smt/skipped_steps", float(self.skipped_steps))
         rank_zero_warn(
             f"smt: step {trainer.global_step}: non-finite loss or gradient, step skipped "
             f"({self.consecutive} in a row, {self.skipped_steps} in all)"
@@ -84,6 +83,7 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._last_decided == self._batch_key:
             self._loss_finite = None  # the step is done; with gradient accumulation losses keep adding up
+        pl_module.log("smt/skipped_steps", float(self.skipped_steps))  # every step: a column from the first row
 
     def _step_is_finite(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> bool:
         """One all-rank decision (one host sync) on the step's losses and, without a loss scaler, gradients."""

@@ -44,8 +44,8 @@ def selection_images(selection) -> dict[str, torch.Tensor]:
     return images
 
 
-def draw_selection(selection, path: Path) -> Path:
-    """Write the heatmap PNG of ``selection`` to ``path``."""
+def selection_figure(selection):
+    """A matplotlib figure of ``selection``: one panel per module kind (close it with ``plt.close(fig)``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -62,6 +62,14 @@ def draw_selection(selection, path: Path) -> Path:
     axes[0][0].set_ylabel("layer × row block (top = first layer)")
     fig.suptitle(selection.summary(), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def draw_selection(selection, path: Path) -> Path:
+    """Write the heatmap PNG of ``selection`` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = selection_figure(selection)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -257,10 +257,14 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        mergeable = get_bank(self.model) is not None and self.hparams.quantization == "none"
-        with merged(self.model) if mergeable else nullcontext():  # exact, no per-call copy (a quantized base adds Δ)
+        with self._tuned_in_place():
             correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
+
+    def _tuned_in_place(self):
+        """``W0 + Δ`` written into the weights while inside (exact, no per-call copy); a quantized base adds Δ."""
+        mergeable = get_bank(self.model) is not None and self.hparams.quantization == "none"
+        return merged(self.model) if mergeable else nullcontext()
 
     def _judge_batch(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import judge
@@ -292,6 +296,15 @@ class SMTLanguageModel(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
         )
         return self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, str]]:
+        """Greedy responses (``max_new_tokens`` long) to the test prompts: ``smt predict`` and the quickstart."""
+        with self._tuned_in_place():
+            responses = self._generate(batch)
+        return [
+            {"prompt": prompt, "response": response, "reference": reference}
+            for prompt, response, reference in zip(batch["prompt"], responses, batch["reference"])
+        ]
 
     def on_test_epoch_end(self) -> None:
         from smt.eval import format_markdown_table, write_results_json

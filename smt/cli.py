@@ -31,11 +31,8 @@ from smt.data import InstructionDataModule
 from smt.guards import NonFiniteGuard, TrainingDivergedError
 from smt.io import WriteFailedError
 from smt.module import SMTLanguageModel
-<<<<<<< HEAD
 from smt.progress import NothingTrainedError
-=======
 from smt.run_logs import SelectionReport, default_logger
->>>>>>> i16b
 
 COMMANDS = {
     "fit": "warm-up, select blocks, train them; writes checkpoints, the delta file and/or the merged model",

@@ -80,7 +80,7 @@ def test_default_logger_is_tensorboard_when_installed(tmp_path):
 def test_pools_get_their_own_block_counts():
     grids = {f"layers.{i}.{kind}": BlockGrid(32, 32, 16, 16) for i in range(2) for kind in ("attn.q", "mlp.up")}
     blocks = {"layers.0.attn.q": torch.tensor([[0, 0], [1, 1]]), "layers.1.mlp.up": torch.tensor([[0, 1]])}
-    rows = selection_table(Selection(blocks, grids), {"attention": "attn", "mlp": "mlp"})
+    rows = selection_table(Selection(blocks, grids), {"attention": ".*attn.*", "mlp": ".*mlp.*"})
     metrics = selection_metrics(rows, trainable=3 * 256)
     assert metrics["smt/pool_blocks/attention"] == 2 and metrics["smt/pool_blocks/mlp"] == 1
     assert metrics["smt/blocks/attn.q"] == 2 and metrics["smt/tuned_weights"] == 3 * 256

@@ -434,6 +434,7 @@ SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnor
 PLANS = {
     "sweep": [*HEADLINE[:4], "smt:grad_sq_xnorm", "full"],
     "headline": HEADLINE,
+    "core": HEADLINE[:4],
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
 }
 

@@ -570,8 +570,18 @@ def summarize(results: list[dict], bases: dict[str, dict]) -> list[dict]:
         for key in METRICS:
             row[key] = [r["metrics"][key] for r in at_lr if key in r["metrics"]]
         row["base"] = bases.get(task, {}).get("metrics", {})
+        row["spread"] = _spread(at_lr[0].get("selection"))
         rows.append(row)
     return rows
+
+
+def _spread(selection: dict | None) -> str:
+    """Where a selection sits: modules used, and the share of blocks in its two most used input column blocks."""
+    if not selection:
+        return "–"
+    counts = sorted(selection["column_blocks"].values(), reverse=True)
+    top2 = sum(counts[:2]) / max(1, sum(counts))
+    return f"{selection['modules_used']}/{selection['modules']} modules, {top2:.0%} in 2 column blocks"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -581,13 +591,13 @@ def markdown(rows: list[dict]) -> str:
         keys = [k for k in METRICS if any(r[k] for r in rows if r["task"] == task)]
         untuned = ", ".join(f"{METRICS[k]} {base[k]:.4f}" for k in keys if k in base)
         header = " | ".join(["budget", "arm", "trainable", "LR (val)", "seeds", *(METRICS[k] for k in keys)])
-        lines += [f"### {task}", "", f"untuned: {untuned}", "", f"| {header} | val NLL by LR (seed 0) |",
-                  "|---|---|---:|---:|---:|" + "---|" * len(keys) + "---|"]  # fmt: skip
+        lines += [f"### {task}", "", f"untuned: {untuned}", "", f"| {header} | val NLL by LR (seed 0) | selection |",
+                  "|---|---|---:|---:|---:|" + "---|" * len(keys) + "---|---|"]  # fmt: skip
         for r in (r for r in rows if r["task"] == task):
             curve = " · ".join(f"{lr:g}: {v:.3f}" for lr, v in r["lr_curve"].items())
             cells = " | ".join(_mean_std(r[k]) for k in keys)
             lines.append(f"| {r['budget']} | {r['arm']} | {r['trainable']:,} | {r['lr']:g} | {r['seeds']} | {cells} | "
-                         f"{curve} |")  # fmt: skip
+                         f"{curve} | {r['spread']} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from smt.pretrained import DEFAULT_SMOLLM2_DIR, prepare_smollm2
+from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR, prepare_smollm2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,9 +60,9 @@ def data_overrides() -> tuple[list[str], str]:
 
 def build_cli(overrides: list[str]):
     """smt's LightningCLI on ``configs/quickstart.yaml`` plus overrides, instantiated but not run."""
-    from smt.cli import SMTCLI
-    from smt.data import InstructionDataModule
-    from smt.module import SMTLanguageModel
+    from smt.lightning.cli import SMTCLI
+    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.module import SMTLanguageModel
 
     return SMTCLI(
         SMTLanguageModel,
@@ -90,8 +90,8 @@ METRICS = {
 
 def print_report(before: dict, after: dict, cli, seconds: dict[str, float], data: str) -> None:
     """The before/after table, the trainable share, where the outputs went and how long each phase took."""
-    from smt.callbacks import SparseMatrixTuning
-    from smt.model import trainable_summary
+    from smt.core.model import trainable_summary
+    from smt.lightning.callback import SparseMatrixTuning
 
     questions = cli.datamodule.limit_test or "all"
     tests = {key: f"test accuracy {key[9:]} ({questions} q)" for key in after if key.startswith("test/acc_")}
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
     """Prepare the model and data, then evaluate → fit → evaluate and report."""
     os.chdir(ROOT)
     marks = {"start": time.perf_counter()}
-    from smt.pretrained import prepare_smollm2
+    from smt.lightning.pretrained import prepare_smollm2
 
     try:
         folder, converted = prepare_smollm2()

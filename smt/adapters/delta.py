@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.blocks import BlockGrid
-from smt.io import atomic_save_safetensors, parse_count, parse_grids, parse_json, read_safetensors
-from smt.model import DTYPES, apply_selection, bank_holder, current_selection, get_bank, sparse_layers
-from smt.selection import Selection
+from smt.core.io import atomic_save_safetensors, parse_count, parse_grids, parse_json, read_safetensors
+from smt.core.model import DTYPES, apply_selection, bank_holder, current_selection, get_bank, sparse_layers
+from smt.core.selection import Selection
+from smt.kernels.blocks import BlockGrid
 
 FORMAT = "smt.delta"
 FORMAT_VERSION = 1

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.delta import read_delta
-from smt.model import check_selection_fits, logical_weight
-from smt.selection import Selection
+from smt.adapters.delta import read_delta
+from smt.core.model import check_selection_fits, logical_weight
+from smt.core.selection import Selection
 
 
 @dataclass(frozen=True)

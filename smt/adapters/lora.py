@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.delta import read_delta
-from smt.model import BANK_NAME, bank_holder, logical_weight, sparse_layers
-from smt.quant import is_quantized
+from smt.adapters.delta import read_delta
+from smt.core.model import BANK_NAME, bank_holder, logical_weight, sparse_layers
+from smt.core.quant import is_quantized
 
 REPORT_NAME = "smt_lora_report.json"
 
@@ -177,7 +177,7 @@ def export_lora_from_file(
     sample_ids: torch.Tensor | None = None,
 ) -> LoraReport:
     """``export_lora`` for a delta file on its plain base model (validated against it; ``base`` is unchanged)."""
-    from smt.deltaset import read_delta_for
+    from smt.adapters.deltaset import read_delta_for
 
     _check_rank(rank)
     read_delta_for(base, delta_path)  # another base, NaN, future version... refused before anything is written

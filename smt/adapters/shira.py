@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.delta import read_delta
-from smt.model import sparse_layers
+from smt.adapters.delta import read_delta
+from smt.core.model import sparse_layers
 
 
 @dataclass(frozen=True)

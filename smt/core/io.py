@@ -123,7 +123,7 @@ def parse_grids(text: str | None, where: str) -> dict:
     Raises:
         ValueError: not JSON, not an object of four positive integers per module; the message names ``where``.
     """
-    from smt.blocks import BlockGrid
+    from smt.kernels.blocks import BlockGrid
 
     grids = parse_json(text, where, "grids", dict)
     for name, dims in grids.items():

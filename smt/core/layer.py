@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smt.blocks import BlockGrid, BlockPlan
+from smt.core.scoring import BlockScorer
 from smt.kernels import backend_for
-from smt.scoring import BlockScorer
+from smt.kernels.blocks import BlockGrid, BlockPlan
 
 
 @dataclass

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from smt.bank import BlockBank
-from smt.blocks import BlockGrid, resolve_block_size
-from smt.config import SMTConfig
-from smt.layer import SparseBlockLinear
-from smt.patterns import name_matcher, no_match_error
-from smt.quant import keep_trainable
-from smt.scoring import BlockScorer
-from smt.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
+from smt.core.bank import BlockBank
+from smt.core.config import SMTConfig
+from smt.core.layer import SparseBlockLinear
+from smt.core.patterns import name_matcher, no_match_error
+from smt.core.quant import keep_trainable
+from smt.core.scoring import BlockScorer
+from smt.core.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
+from smt.kernels.blocks import BlockGrid, resolve_block_size
 
 BANK_NAME = "smt_bank"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -18,9 +18,9 @@ from dataclasses import replace
 
 from torch import nn
 
-from smt.config import SMTConfig
-from smt.model import BANK_NAME, exact_pattern, find_targets
-from smt.selection import Selection, assign_pools
+from smt.core.config import SMTConfig
+from smt.core.model import BANK_NAME, exact_pattern, find_targets
+from smt.core.selection import Selection, assign_pools
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 

@@ -317,7 +317,7 @@ def dequantized_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, to
 
     One weight is dequantized at a time; smt's own entries (the bank) are left out.
     """
-    from smt.model import BANK_NAME
+    from smt.core.model import BANK_NAME
 
     skipped = quant_state_keys(model)
     state = {k: v for k, v in model.state_dict().items() if k not in skipped and not k.startswith(BANK_NAME + ".")}
@@ -360,7 +360,7 @@ def save_requantized(model: nn.Module, folder) -> list[tuple[str, float, float, 
     Raises:
         ValueError: the base is not quantized (save a plain merged model instead).
     """
-    from smt.model import BANK_NAME, sparse_layers
+    from smt.core.model import BANK_NAME, sparse_layers
 
     layers = sparse_layers(model)
     if not any(is_quantized(layer.base) for layer in layers.values()):

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from smt.config import RegrowthConfig
-from smt.model import get_bank, sparse_layers
-from smt.scoring import BlockScorer
+from smt.core.config import RegrowthConfig
+from smt.core.model import get_bank, sparse_layers
+from smt.core.scoring import BlockScorer
 
 
 def regrowth_rate(config: RegrowthConfig, step: int, total: int) -> float:

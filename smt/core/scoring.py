@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smt.blocks import BlockGrid
 from smt.kernels import reference
+from smt.kernels.blocks import BlockGrid
 
 
 @dataclass(frozen=True)

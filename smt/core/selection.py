@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from smt.blocks import BlockGrid
-from smt.patterns import Pattern, name_matcher, no_match_error
+from smt.core.patterns import Pattern, name_matcher, no_match_error
+from smt.kernels.blocks import BlockGrid
 
 FORMAT = "smt.selection"
 FORMAT_VERSION = 1
@@ -94,7 +94,7 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         """Write the selection (safetensors + JSON metadata); returns the path."""
-        from smt.io import atomic_save_safetensors
+        from smt.core.io import atomic_save_safetensors
 
         tensors = {f"{name}.smt_index": index.to(torch.int32).contiguous() for name, index in self.blocks.items()}
         for name, score in (self.scores or {}).items():
@@ -117,7 +117,7 @@ class Selection:
         Raises:
             ValueError: missing, truncated or corrupted file, another format, a newer version, or bad indices.
         """
-        from smt.io import parse_count, parse_grids, parse_json, read_safetensors
+        from smt.core.io import parse_count, parse_grids, parse_json, read_safetensors
 
         where = f"selection file {path}"
         tensors, meta = read_safetensors(Path(path), FORMAT, FORMAT_VERSION, "selection")
@@ -134,7 +134,7 @@ class Selection:
 
     def heatmap(self, path: str | Path) -> Path:
         """Draw the selected blocks per layer as a PNG (one panel per module kind); returns the path."""
-        from smt.heatmap import draw_selection
+        from smt.core.heatmap import draw_selection
 
         return draw_selection(self, Path(path))
 

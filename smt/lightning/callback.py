@@ -32,19 +32,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from smt.config import PoolConfig, RegrowthConfig, SMTConfig
-from smt.distributed import (
-    check_same_selection,
-    check_sharded_bank,
-    check_strategy,
-    shards_in_configure_model,
-    summed_regrowth_state,
-    summed_scorer_states,
-    zeroed_regrowth_state,
-    zeroed_scorer_states,
-)
-from smt.guards import drop_gradients, scaler_enabled
-from smt.model import (
+from smt.core.config import PoolConfig, RegrowthConfig, SMTConfig
+from smt.core.model import (
     BANK_NAME,
     apply_selection,
     current_selection,
@@ -56,8 +45,8 @@ from smt.model import (
     stop_scoring,
     trainable_summary,
 )
-from smt.patterns import name_matcher, no_match_error
-from smt.placement import (
+from smt.core.patterns import name_matcher, no_match_error
+from smt.core.placement import (
     config_for_holder,
     holding_attribute,
     holding_attribute_of,
@@ -65,15 +54,26 @@ from smt.placement import (
     relative_selection,
     relocate_root_bank,
 )
-from smt.progress import (
+from smt.core.progress import (
     ProgressCheck,
     check_gradients_reached,
     local_slots_moved,
     slots_learning_rate_positive,
 )
-from smt.regrowth import Regrower
-from smt.scoring import CRITERIA, check_accumulator_memory
-from smt.selection import Selection
+from smt.core.regrowth import Regrower
+from smt.core.scoring import CRITERIA, check_accumulator_memory
+from smt.core.selection import Selection
+from smt.lightning.distributed import (
+    check_same_selection,
+    check_sharded_bank,
+    check_strategy,
+    shards_in_configure_model,
+    summed_regrowth_state,
+    summed_scorer_states,
+    zeroed_regrowth_state,
+    zeroed_scorer_states,
+)
+from smt.lightning.guards import drop_gradients, scaler_enabled
 
 GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
 
@@ -471,7 +471,7 @@ def _load_selection(path: str) -> Selection:
         except ValueError as err:
             if "not an smt selection file" not in str(err):
                 raise
-        from smt.delta import read_delta
+        from smt.adapters.delta import read_delta
 
         return read_delta(path)[0]
     return Selection.load(path)

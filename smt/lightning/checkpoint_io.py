@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from smt.io import atomic_write
+from smt.core.io import atomic_write
 
 CRC_CHUNK = 1 << 22  # bytes read at a time while checking CRCs: memory stays bounded for any checkpoint size
 

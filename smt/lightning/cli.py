@@ -23,13 +23,13 @@ from types import MethodType
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smt.callbacks import SparseMatrixTuning
-from smt.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
-from smt.data import InstructionDataModule
-from smt.guards import NonFiniteGuard, TrainingDivergedError
-from smt.io import WriteFailedError
-from smt.module import SMTLanguageModel
-from smt.progress import NothingTrainedError
+from smt.core.io import WriteFailedError
+from smt.core.progress import NothingTrainedError
+from smt.lightning.callback import SparseMatrixTuning
+from smt.lightning.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
+from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
+from smt.lightning.module import SMTLanguageModel
 
 COMMANDS = {
     "fit": "warm-up, select blocks, train them; writes checkpoints, the delta file and/or the merged model",
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "select":
             run_select(argv[1:])
         elif command == "export":
-            from smt.export import run_export
+            from smt.lightning.export import run_export
 
             run_export(argv[1:])
         elif command == "merge":
-            from smt.export import run_merge
+            from smt.lightning.export import run_merge
 
             run_merge(argv[1:])
         else:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from smt.regrowth import Regrower
-from smt.scoring import BlockScorer
+from smt.core.regrowth import Regrower
+from smt.core.scoring import BlockScorer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -162,7 +162,7 @@ def check_sharded_bank(network, strategy) -> None:
         return
     from torch.distributed.fsdp import FSDPModule
 
-    from smt.model import get_bank
+    from smt.core.model import get_bank
 
     if isinstance(get_bank(network), FSDPModule):
         raise ValueError(

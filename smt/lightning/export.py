@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from smt.delta import save_delta
-from smt.model import DTYPES, get_bank, inject_from_state, merge_delta
-from smt.progress import local_slots_moved, refuse_all_zero_delta
+from smt.adapters.delta import save_delta
+from smt.core.model import DTYPES, get_bank, inject_from_state, merge_delta
+from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -24,14 +24,14 @@ def load_checkpoint(path: str | Path) -> dict:
     Raises:
         ValueError: missing or unreadable file, or not a Lightning checkpoint of a model.
     """
-    from smt.checkpoint_io import read_checkpoint  # zip CRCs and record sizes verified first (issue 10)
+    from smt.lightning.checkpoint_io import read_checkpoint  # zip CRCs and record sizes verified first (issue 10)
 
     return read_checkpoint(path)
 
 
 def model_from_checkpoint(path: str | Path):
     """Rebuild the ``SMTLanguageModel`` of a checkpoint with its bank, weights loaded strictly."""
-    from smt.module import SMTLanguageModel
+    from smt.lightning.module import SMTLanguageModel
 
     checkpoint = load_checkpoint(path)
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
@@ -95,7 +95,7 @@ def run_export(args: list[str]) -> None:
     if options.delta:
         print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
     if options.peft:
-        from smt.shira_export import export_shira
+        from smt.adapters.shira import export_shira
 
         report = export_shira(module.model, options.peft, module.hparams.model, DTYPES[options.dtype])
         print(f"PEFT SHiRA adapter written to {options.peft}: {report}")
@@ -104,14 +104,14 @@ def run_export(args: list[str]) -> None:
     if options.merged and options.requantize:
         _export_requantized(module, options.merged)
     elif options.merged:
-        from smt.module import save_merged
+        from smt.lightning.module import save_merged
 
         print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
 
 
 def _export_requantized(module, folder: str) -> None:
     """``quant(deq(Q) + Δ)`` saved in the base's format, with the re-quantization error of each layer printed."""
-    from smt.quant import save_requantized
+    from smt.core.quant import save_requantized
 
     report = save_requantized(module.model, folder)  # consumes the model: it runs last
     module.tokenizer.save_pretrained(folder)
@@ -125,7 +125,7 @@ def _export_requantized(module, folder: str) -> None:
 
 def _export_lora(module, options) -> None:
     """The LoRA adapter of ``module``'s Δ, its error table printed (output error on 2×32 random tokens)."""
-    from smt.lora_export import export_lora
+    from smt.adapters.lora import export_lora
 
     vocab = module.model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -149,7 +149,7 @@ def run_merge(args: list[str]) -> None:
     weights = options.weights or [1.0] * len(deltas)
     if len(weights) != len(deltas):
         raise ValueError(f"--weights has {len(weights)} values for {len(deltas)} deltas; give one per delta")
-    from smt.module import load_causal_lm, load_tokenizer_for
+    from smt.lightning.module import load_causal_lm, load_tokenizer_for
 
     model = load_causal_lm(options.base, None, "float32", "eager")
     fuse_deltas_(model, deltas, weights, "" if options.allow_other_base else None)
@@ -190,7 +190,7 @@ def fuse_deltas_(
     Raises:
         ValueError: a bad file, another base, or a non-finite weight; the model is unchanged then.
     """
-    from smt.deltaset import DeltaSet
+    from smt.adapters.deltaset import DeltaSet
 
     weights = [1.0] * len(paths) if weights is None else list(weights)
     deltas = DeltaSet(model, base_model_id)

@@ -19,12 +19,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
-from smt.data import IGNORE_INDEX
-from smt.hub import from_pretrained
-from smt.loss import labelled_positions_loss
-from smt.model import get_bank, merged, plain_state_dict
-from smt.progress import local_slots_moved, refuse_all_zero_delta
-from smt.quant import (
+from smt.core.model import get_bank, merged, plain_state_dict
+from smt.core.progress import local_slots_moved, refuse_all_zero_delta
+from smt.core.quant import (
     OPTIMIZERS,
     QUANTIZATIONS,
     bnb_config,
@@ -35,7 +32,10 @@ from smt.quant import (
     require_bitsandbytes,
     save_dequantized,
 )
-from smt.schedules import after_warmup, warmup_cosine
+from smt.lightning.data.datamodule import IGNORE_INDEX
+from smt.lightning.hub import from_pretrained
+from smt.lightning.loss import labelled_positions_loss
+from smt.lightning.schedules import after_warmup, warmup_cosine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_TOKENIZERS = ("bytes",)
@@ -206,7 +206,7 @@ class SMTLanguageModel(LightningModule):
             return
         from torch.distributed.fsdp import FSDPModule
 
-        from smt.distributed import shard_network
+        from smt.lightning.distributed import shard_network
 
         if isinstance(self.model, FSDPModule):  # already sharded (configure_model runs once per trainer entry)
             return
@@ -272,7 +272,7 @@ class SMTLanguageModel(LightningModule):
 
     def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import score_candidates_batch
-        from smt.prompts import adds_special_tokens
+        from smt.lightning.data.prompts import adds_special_tokens
 
         prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
         template = getattr(self.trainer.datamodule, "template", "alpaca")  # chat prompts already hold their BOS
@@ -349,8 +349,8 @@ class SMTLanguageModel(LightningModule):
         if not (self.trainer.is_global_zero or sharded):
             return
         if self.hparams.delta_path:
-            from smt.delta import delta_state
-            from smt.io import atomic_save_safetensors
+            from smt.adapters.delta import delta_state
+            from smt.core.io import atomic_save_safetensors
 
             tensors, metadata = delta_state(self.model, base_model_id=self.hparams.model)
             if self.trainer.is_global_zero:
@@ -385,6 +385,6 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def _smt_warmup_offset(trainer) -> int:
-    from smt.callbacks import SparseMatrixTuning
+    from smt.lightning.callback import SparseMatrixTuning
 
     return sum(cb.warmup_offset for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning))

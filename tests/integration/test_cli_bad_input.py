@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import DEBUG_CONFIG
 
-from smt.blocks import BlockGrid
-from smt.cli import main
-from smt.selection import Selection
+from smt.core.selection import Selection
+from smt.kernels.blocks import BlockGrid
+from smt.lightning.cli import main
 
 
 def write_fieldless_data(folder: Path) -> Path:

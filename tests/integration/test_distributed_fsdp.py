@@ -15,7 +15,7 @@ from distributed_modules import BATCH, WORLD, InterleavedSampler, RecordPerRank,
 from lightning.pytorch import Trainer, seed_everything
 
 from smt import SparseMatrixTuning
-from smt.config import RegrowthConfig
+from smt.core.config import RegrowthConfig
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers", "ignore:.*LeafSpec")

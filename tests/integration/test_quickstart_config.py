@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smt.cli import main
-from smt.pretrained import DEFAULT_SMOLLM2_DIR
+from smt.lightning.cli import main
+from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -53,7 +53,7 @@ def test_one_pass_over_the_training_slice(resolved: dict) -> None:
 
 
 def test_smt_budget_fits_smollm2(resolved: dict) -> None:
-    from smt.callbacks import SparseMatrixTuning
+    from smt.lightning.callback import SparseMatrixTuning
 
     smt = resolved["smt"]
     SparseMatrixTuning(**smt)  # the callback validates its own arguments

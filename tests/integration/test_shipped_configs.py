@@ -12,9 +12,9 @@ import yaml
 from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
 
 from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
-from smt.cli import main
-from smt.data import InstructionDataModule
-from smt.export import load_checkpoint
+from smt.lightning.cli import main
+from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.export import load_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SMT_BUDGET = 0.0084  # SMT: blocks = 0.84 % of all 2-D weight elements of the model / 256²

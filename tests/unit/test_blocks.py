@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan, resolve_block_size
+from smt.kernels.blocks import BlockGrid, BlockPlan, resolve_block_size
 
 
 def test_ragged_grid_counts_real_block_sizes():

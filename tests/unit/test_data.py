@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from smt.data import (
+from smt.lightning.data.datamodule import (
     IGNORE_INDEX,
     InstructionCollator,
     InstructionDataModule,
@@ -23,7 +23,7 @@ from smt.data import (
     split_indices,
     take_limit,
 )
-from smt.prompts import render_prompt
+from smt.lightning.data.prompts import render_prompt
 
 BOOLQ_ROWS = [
     {

@@ -6,8 +6,8 @@ from helpers import TwoLayer, tiny_llama
 from lightning.pytorch import LightningModule
 
 from smt import SMTConfig, SparseMatrixTuning
-from smt.model import find_targets, module_grids, plan_pools
-from smt.patterns import name_matcher
+from smt.core.model import find_targets, module_grids, plan_pools
+from smt.core.patterns import name_matcher
 
 Q = "model.layers.0.self_attn.q_proj"
 

@@ -13,8 +13,8 @@ from helpers import TwoLayer
 from torch import nn
 
 from smt import BlockGrid, Selection, SMTConfig, apply_selection
-from smt.model import get_bank, inject, select_blocks, start_scoring
-from smt.quant import (
+from smt.core.model import get_bank, inject, select_blocks, start_scoring
+from smt.core.quant import (
     build_optimizer,
     dequantized_state_dict,
     dequantized_weight,

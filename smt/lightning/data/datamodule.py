@@ -47,10 +47,10 @@ from torch.utils.data import DataLoader
 
 from smt.eval.extract import gsm8k_reference
 from smt.eval.tasks import detect_task, get_task, task_names
-from smt.hub import HUB_PREFIX, from_pretrained, load_hub_dataset, parse_hub_dataset
-from smt.loss import IGNORE_INDEX
-from smt.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
-from smt.resume_loader import ResumableLoader
+from smt.lightning.data.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
+from smt.lightning.data.resume_loader import ResumableLoader
+from smt.lightning.hub import HUB_PREFIX, from_pretrained, load_hub_dataset, parse_hub_dataset
+from smt.lightning.loss import IGNORE_INDEX
 
 """Label value the loss ignores (prompt and padding positions)."""
 

@@ -208,7 +208,7 @@ def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_s
     """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
     import torch
 
-    from smt.lightning.data.datamodule import InstructionCollator, encode_examples
+    from smt.lightning.data.tokens import InstructionCollator, encode_examples
     from smt.lightning.loss import labelled_positions_loss
 
     columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],

@@ -32,9 +32,8 @@ from smt.core.quant import (
     require_bitsandbytes,
     save_dequantized,
 )
-from smt.lightning.data.datamodule import IGNORE_INDEX
 from smt.lightning.hub import from_pretrained
-from smt.lightning.loss import labelled_positions_loss
+from smt.lightning.loss import IGNORE_INDEX, labelled_positions_loss
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

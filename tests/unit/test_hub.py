@@ -12,7 +12,8 @@ import torch
 from helpers import tiny_llama, write_hub_dataset, write_hub_snapshot
 from transformers import ByT5Tokenizer
 
-from smt.lightning.data.datamodule import InstructionDataModule, load_records
+from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.data.records import load_records
 from smt.lightning.hub import HubDataset, parse_hub_dataset
 from smt.lightning.module import SMTLanguageModel, load_causal_lm
 

@@ -1,21 +1,9 @@
-"""Instruction-tuning data for causal LMs: JSON/JSONL records → prompt/response tokens with masked labels.
+"""Instruction-tuning data for causal LMs: the ``InstructionDataModule``.
 
-Records come from JSON/JSONL files or from hub data sets named ``hub:owner/name[:config][@split]``
-(``smt.hub``: downloaded once into the datasets cache, cache only under ``HF_HUB_OFFLINE=1``), in two
-schemas, detected from their fields:
+Records (``records``) → prompt/response tokens with masked labels (``tokens``) → batches; a validation set from a
+file or carved from the training records; test/predict prompts for ``smt.eval``.
 
-* LLM-Adapters (``commonsense_170k``, ``math_10k``, the per-task ``test.json``): ``instruction``,
-  ``output``, optional ``input`` and ``answer`` (the gold label / number / letter used by evaluation).
-* GSM8K JSONL: ``question`` and ``answer`` (a worked solution ending in ``#### N``); the response is the
-  solution with the ``<<…>>`` calculator notes removed, the reference the number after ``####``.
-
-Each example becomes ``prompt_ids + response_ids + [eos]`` (prompt and response tokenized separately,
-so training sees exactly the prompt tokens that evaluation feeds to ``generate``). With
-``mask_prompt`` the labels are ``-100`` over the prompt, so the loss is on the response and its EOS
-only. An example longer than ``max_length`` loses prompt tokens from the left (BOS kept); only a
-response longer than ``max_length - 1`` is itself cut (from the right, losing its EOS).
-
-API (what ``smt.module`` / ``smt.cli`` rely on):
+API (what ``smt.lightning.module`` / ``smt.lightning.cli`` rely on):
     ``InstructionDataModule(train_path, val_path=None, test_paths=None, ..., tokenizer=None, template="alpaca")``
     ``dm.set_tokenizer(tokenizer)``: hand over the model's tokenizer (sets ``pad = eos`` when missing).
     ``dm.tokenizer``: the tokenizer in use (loaded from ``tokenizer``, a folder or hub id).
@@ -30,14 +18,10 @@ API (what ``smt.module`` / ``smt.cli`` rely on):
 
 from __future__ import annotations
 
-import hashlib
-import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -45,378 +29,22 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from smt.eval.extract import gsm8k_reference
 from smt.eval.tasks import detect_task, get_task, task_names
-from smt.lightning.data.prompts import TemplateName, adds_special_tokens, check_template, render_prompt, render_response
+from smt.lightning.data.prompts import TemplateName, check_template
+from smt.lightning.data.records import load_records, map_records, seeded_permutation, split_indices, take_limit
 from smt.lightning.data.resume_loader import ResumableLoader
-from smt.lightning.hub import HUB_PREFIX, from_pretrained, load_hub_dataset, parse_hub_dataset
-from smt.lightning.loss import IGNORE_INDEX
+from smt.lightning.data.tokens import (
+    InstructionCollator,
+    PromptCollator,
+    encode_examples,
+    encode_prompts,
+    load_tokenizer,
+    pack_examples,
+    prepare_tokenizer,
+)
+from smt.lightning.hub import HUB_PREFIX, parse_hub_dataset
 
-"""Label value the loss ignores (prompt and padding positions)."""
 
-_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
-_FIELDS = ("instruction", "input", "response", "reference")
-
-
-# ----------------------------------------------------------------------------------------------- records
-def load_records(
-    path: str | Path, cache_dir: str | Path | None, role: str = "train_path", default_split: str = "train"
-) -> datasets.Dataset:
-    """Read a JSON array / JSONL file or a hub data set and normalize it to ``instruction/input/response/reference``.
-
-    Args:
-        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.hub`).
-        cache_dir: where ``datasets`` keeps its Arrow files; for a hub data set None = its usual cache.
-        role: the argument name shown in error messages (``train_path``, ``val_path``, …).
-        default_split: the split of a hub data set named without ``@split``.
-
-    Returns:
-        A dataset with string columns ``instruction``, ``input``, ``response``, ``reference``.
-
-    Raises:
-        ValueError: the file is missing or a folder, the hub data set does not load, or its records fit neither schema.
-    """
-    hub = parse_hub_dataset(str(path), default_split, role)
-    raw = load_hub_dataset(hub, role, None if cache_dir is None else str(cache_dir)) if hub else None
-    if raw is None:
-        raw = _read_json_records(Path(path), cache_dir, role)
-    schema = _detect_schema(raw.column_names, path)
-    key = ("normalize", raw._fingerprint, schema)
-    return _map(raw, _normalizer(schema, path), raw.column_names, key, with_indices=True)
-
-
-def _read_json_records(path: Path, cache_dir: str | Path | None, role: str) -> datasets.Dataset:
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ValueError(
-            f"{role}={str(path)!r} {what}; pass a JSON/JSONL file (LLM-Adapters or GSM8K fields) "
-            "or a hub data set hub:owner/name[:config][@split]"
-        )
-    try:
-        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
-    except (datasets.exceptions.DatasetsError, ValueError, StopIteration) as error:
-        detail = str(error.__cause__ or error).strip().splitlines() or ["no records"]
-        raise ValueError(f"{role}={str(path)!r} is not a JSON array or JSONL of records ({detail[0][:100]})") from None
-
-
-def _detect_schema(columns: Sequence[str], path: Path) -> str:
-    """``"llm_adapters"`` (instruction + output) or ``"gsm8k"`` (question + answer); else a one-line error."""
-    fields = set(columns)
-    if {"instruction", "output"} <= fields:
-        return "llm_adapters"
-    if {"question", "answer"} <= fields:
-        return "gsm8k"
-    missing = "output" if "instruction" in fields else "answer" if "question" in fields else "instruction"
-    raise ValueError(
-        f"{path}: records have fields {sorted(fields)} but no {missing!r}; "
-        "use LLM-Adapters fields instruction/output (+input, answer) or GSM8K fields question/answer"
-    )
-
-
-def _normalizer(schema: str, path: Path):
-    def normalize(batch: dict[str, list], indices: list[int]) -> dict[str, list[str]]:
-        records = []
-        for position, index in enumerate(indices):
-            row = {key: values[position] for key, values in batch.items()}
-            records.append(_normalize_record(row, schema, f"{path}: row {index}"))
-        return {name: [record[name] for record in records] for name in _FIELDS}
-
-    return normalize
-
-
-def _normalize_record(row: dict[str, Any], schema: str, where: str) -> dict[str, str]:
-    """One raw record → string fields ``instruction/input/response/reference`` (reference ``""`` if absent)."""
-    if schema == "gsm8k":
-        answer = _required(row, "answer", where)
-        return {
-            "instruction": _required(row, "question", where),
-            "input": "",
-            "response": _CALCULATOR_NOTE.sub("", answer),
-            "reference": gsm8k_reference(answer),
-        }
-    answer = row.get("answer")
-    return {
-        "instruction": _required(row, "instruction", where),
-        "input": str(row.get("input") or ""),
-        "response": _required(row, "output", where),
-        "reference": "" if answer is None else str(answer),
-    }
-
-
-def _required(row: dict[str, Any], name: str, where: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise ValueError(f"{where} has no {name!r} value; fill it in or drop the row")
-    return str(value)
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------- splitting
-def _seeded_permutation(n: int, seed: int) -> list[int]:
-    """A permutation of ``range(n)`` that depends only on ``seed`` (the same on every machine)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def split_indices(n: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
-    """Carve a validation set out of ``n`` training records, deterministically.
-
-    Args:
-        n: number of records.
-        val_split: a fraction in ``(0, 1)`` or a count ``≥ 1`` of records for validation; 0 for none.
-        seed: shuffling seed.
-
-    Returns:
-        ``(train, val)`` index lists; ``val`` are the first records of a seeded permutation, ``train``
-        the rest in their file order.
-
-    Raises:
-        ValueError: a negative split, a non-integer count, or a split that leaves no training record.
-    """
-    if val_split < 0 or (val_split >= 1 and val_split != int(val_split)):
-        raise ValueError(f"val_split={val_split} must be a fraction in [0, 1) or a whole count ≥ 1")
-    count = round(n * val_split) if val_split < 1 else int(val_split)
-    if val_split > 0 and count == 0:
-        count = 1
-    if count >= n and count > 0:
-        raise ValueError(f"val_split={val_split} takes {count} of {n} records and leaves none to train on")
-    val = sorted(_seeded_permutation(n, seed)[:count])
-    held_out = set(val)
-    return [i for i in range(n) if i not in held_out], val
-
-
-def take_limit(indices: Sequence[int], limit: int | None, seed: int) -> list[int]:
-    """The first ``limit`` indices after a seeded shuffle (all of them, unshuffled, when ``limit`` is None).
-
-    Args:
-        indices: candidate record indices.
-        limit: how many to keep; None keeps all.
-        seed: shuffling seed.
-
-    Returns:
-        The kept indices, in file order.
-
-    Raises:
-        ValueError: ``limit < 1``.
-    """
-    if limit is None:
-        return list(indices)
-    if limit < 1:
-        raise ValueError(f"limit={limit} must be ≥ 1 (or null for all records)")
-    order = _seeded_permutation(len(indices), seed)[:limit]
-    return sorted(indices[i] for i in order)
-
-
-# ------------------------------------------------------------------------------------------ tokenization
-def fit_to_length(
-    prompt_ids: list[int], response_ids: list[int], max_length: int, keep_first: bool = False
-) -> tuple[list[int], list[int]]:
-    """Make ``prompt + response`` fit ``max_length`` by cutting the prompt from the left.
-
-    Args:
-        prompt_ids: prompt tokens.
-        response_ids: response tokens (EOS included).
-        max_length: the longest allowed sequence (≥ 2).
-        keep_first: keep the prompt's first token (its BOS) while cutting.
-
-    Returns:
-        ``(prompt_ids, response_ids)`` with total length ≤ ``max_length``; the response is cut (from the
-        right) only when it alone exceeds ``max_length - 1``, so at least one prompt token remains.
-    """
-    response_ids = response_ids[: max_length - 1]
-    room = max_length - len(response_ids)
-    if len(prompt_ids) > room:
-        head = prompt_ids[:1] if keep_first and room >= 2 else []
-        prompt_ids = head + prompt_ids[len(prompt_ids) - (room - len(head)) :]
-    return prompt_ids, response_ids
-
-
-def encode_examples(
-    tokenizer: Any, template: str, records: dict[str, list[str]], max_length: int, mask_prompt: bool = True
-) -> dict[str, list[list[int]]]:
-    """Tokenize a batch of normalized records into ``input_ids`` and ``labels``.
-
-    Args:
-        tokenizer: a transformers tokenizer with ``eos_token_id``.
-        template: prompt template name (see :mod:`smt.prompts`).
-        records: columns ``instruction``, ``input``, ``response``.
-        max_length: longest sequence; see :func:`fit_to_length`.
-        mask_prompt: labels ``-100`` on prompt tokens (loss on the response only).
-
-    Returns:
-        Columns ``input_ids`` and ``labels`` (same lengths per example).
-    """
-    _, prompt_ids = _encode_prompts(tokenizer, template, records)
-    responses = [render_response(template, text) for text in records["response"]]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for prompt, response in zip(prompt_ids, response_ids, strict=True):
-        keep_bos = _starts_with_bos(prompt, tokenizer)
-        prompt, response = fit_to_length(prompt, list(response) + [tokenizer.eos_token_id], max_length, keep_bos)
-        out["input_ids"].append(prompt + response)
-        out["labels"].append(([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + response)
-    return out
-
-
-def encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]], max_length: int) -> dict[str, list]:
-    """Tokenize a batch of records as generation prompts (no response), cut from the left to ``max_length``.
-
-    Args:
-        tokenizer: a transformers tokenizer.
-        template: prompt template name.
-        records: columns ``instruction``, ``input`` (others are passed through).
-        max_length: longest prompt.
-
-    Returns:
-        Columns ``input_ids`` and ``prompt`` (the rendered text).
-    """
-    prompts, ids = _encode_prompts(tokenizer, template, records)
-    cut = [fit_to_length(p, [], max_length, _starts_with_bos(p, tokenizer))[0] for p in ids]
-    return {"input_ids": cut, "prompt": prompts}
-
-
-def _encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]]) -> tuple[list[str], list[list[int]]]:
-    pairs = zip(records["instruction"], records["input"], strict=True)
-    prompts = [render_prompt(template, instruction, input_text, tokenizer) for instruction, input_text in pairs]
-    ids = tokenizer(prompts, add_special_tokens=adds_special_tokens(template))["input_ids"]
-    return prompts, [list(row) for row in ids]
-
-
-def _starts_with_bos(ids: list[int], tokenizer: Any) -> bool:
-    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-
-
-def pack_examples(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Greedily concatenate whole examples, in order, into blocks of at most ``max_length`` tokens.
-
-    An example that does not fit the current block starts a new one (examples are never split).
-    ``position_ids`` restart at 0 for each example, and each example's first label is set to -100 so no
-    token is predicted across an example boundary: the summed loss equals that of the unpacked examples.
-
-    Args:
-        examples: items with ``input_ids`` and ``labels`` (each at most ``max_length`` long).
-        max_length: block length.
-
-    Returns:
-        Blocks with ``input_ids``, ``labels`` and ``position_ids``.
-    """
-    blocks: list[dict[str, list[int]]] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        size = len(example["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + size > max_length:
-            blocks.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += [IGNORE_INDEX] + list(example["labels"][1:])
-        current["position_ids"] += list(range(size))
-    if current["input_ids"]:
-        blocks.append(current)
-    return blocks
-
-
-# --------------------------------------------------------------------------------------------- collation
-class InstructionCollator:
-    """Right-pads ``input_ids`` (with ``pad_id``), ``labels`` (with -100) and, if present, ``position_ids``.
-
-    Unpacked batches get an ``attention_mask``; packed ones (with ``position_ids``) do not, see the
-    module docstring. Padding ``position_ids`` restart at 0, so padding forms its own segment.
-
-    Args:
-        pad_id: the tokenizer's pad token id.
-    """
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(item["input_ids"]) for item in items)
-        batch = {
-            "input_ids": _pad([item["input_ids"] for item in items], width, self.pad_id),
-            "labels": _pad([item["labels"] for item in items], width, IGNORE_INDEX),
-        }
-        if "position_ids" in items[0]:
-            batch["position_ids"] = torch.stack([_restarting_positions(item["position_ids"], width) for item in items])
-        else:
-            batch["attention_mask"] = _pad([[1] * len(item["input_ids"]) for item in items], width, 0)
-        return batch
-
-
-class PromptCollator:
-    """Left-pads prompt ``input_ids`` for generation and passes ``prompt``/``reference``/``task`` through.
-
-    Args:
-        pad_id: the tokenizer's pad token id.
-    """
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(item["input_ids"]) for item in items)
-        return {
-            "input_ids": _pad([item["input_ids"] for item in items], width, self.pad_id, left=True),
-            "attention_mask": _pad([[1] * len(item["input_ids"]) for item in items], width, 0, left=True),
-            "prompt": [item["prompt"] for item in items],
-            "reference": [item["reference"] for item in items],
-            "task": [item["task"] for item in items],
-        }
-
-
-def _pad(rows: Sequence[Sequence[int]], width: int, value: int, left: bool = False) -> torch.Tensor:
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = width - len(row) if left else 0
-        out[r, start : start + len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-    return out
-
-
-def _restarting_positions(positions: Sequence[int], width: int) -> torch.Tensor:
-    return torch.tensor(list(positions) + list(range(width - len(positions))), dtype=torch.long)
-
-
-# -------------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> Any:
-    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.hub`).
-
-    Args:
-        name_or_path: a folder or a hub id (downloaded once into the Hugging Face cache).
-        local_files_only: read only folders and the cache (``HF_HUB_OFFLINE=1`` does the same).
-
-    Returns:
-        The tokenizer, prepared by :func:`prepare_tokenizer`.
-
-    Raises:
-        ValueError: nothing loadable under that name (offline: nothing cached).
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, "data.tokenizer", local_files_only)
-    return prepare_tokenizer(tokenizer)
-
-
-def prepare_tokenizer(tokenizer: Any) -> Any:
-    """Give the tokenizer a pad token (its EOS) when it has none; padding is masked out everywhere.
-
-    Args:
-        tokenizer: a transformers tokenizer.
-
-    Returns:
-        The same tokenizer.
-
-    Raises:
-        ValueError: it has neither a pad nor an EOS token.
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token before training on it")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-# ---------------------------------------------------------------------------------------------- module
 class InstructionDataModule(LightningDataModule):
     """Instruction-tuning data from LLM-Adapters JSON or GSM8K JSONL files, with prompt templates and masking.
 
@@ -562,7 +190,7 @@ class InstructionDataModule(LightningDataModule):
         self.train_dataset = self._tokenize(train.select(take_limit(kept, self.limit_train, self.seed)))
         if self.packing:
             ids, labels = list(self.train_dataset["input_ids"]), list(self.train_dataset["labels"])
-            order = _seeded_permutation(len(ids), self.seed)
+            order = seeded_permutation(len(ids), self.seed)
             rows = [{"input_ids": ids[i], "labels": labels[i]} for i in order]
             self.train_dataset = pack_examples(rows, self.max_length)
         self.val_dataset = self._tokenize(val.select(val_indices)) if val_indices else None
@@ -597,7 +225,7 @@ class InstructionDataModule(LightningDataModule):
         def encode(batch: dict[str, list]) -> dict[str, list]:
             return encode_examples(tokenizer, template, batch, max_length, mask)
 
-        return _map(records, encode, records.column_names, ("encode", template, max_length, mask, id(tokenizer)))
+        return map_records(records, encode, records.column_names, ("encode", template, max_length, mask, id(tokenizer)))
 
     def _prompts(self, records: datasets.Dataset, task: str) -> datasets.Dataset:
         _check_references(records, task)
@@ -607,7 +235,7 @@ class InstructionDataModule(LightningDataModule):
             return {**encode_prompts(tokenizer, template, batch, max_length), "task": [task] * len(batch["input"])}
 
         dropped = ["instruction", "input", "response"]
-        return _map(records, encode, dropped, ("prompts", template, max_length, task, id(tokenizer)))
+        return map_records(records, encode, dropped, ("prompts", template, max_length, task, id(tokenizer)))
 
     def _records(self, path: str, role: str, default_split: str) -> datasets.Dataset:
         """A file's records (Arrow files in ``cache_dir`` or a temporary folder), or a hub data set's (usual cache)."""
@@ -661,21 +289,6 @@ class InstructionDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-
-def _map(
-    records: datasets.Dataset, function: Any, dropped: list[str], key: tuple, with_indices: bool = False
-) -> datasets.Dataset:
-    """``records.map`` in batches, never reusing stale cache files; ``key`` names the work (skips hashing)."""
-    return records.map(
-        function,
-        batched=True,
-        with_indices=with_indices,
-        remove_columns=dropped,
-        new_fingerprint=_fingerprint(records._fingerprint, *key),
-        load_from_cache_file=False,
-        desc=str(key[0]),
-    )
 
 
 def _check_args(

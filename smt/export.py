@@ -3,11 +3,10 @@
 Existing imports, YAML class paths and checkpoints keep loading; new code uses the new path (README).
 """
 
+from smt.adapters.merge import add_delta_, fuse_deltas_
 from smt.core.model import merge_delta
 from smt.lightning.export import (
     DTYPE_ALIASES,
-    add_delta_,
-    fuse_deltas_,
     load_checkpoint,
     model_from_checkpoint,
     run_export,

@@ -3,6 +3,7 @@
 Existing imports, YAML class paths and checkpoints keep loading; new code uses the new path (README).
 """
 
+from smt.adapters.merge import dequantized_state_dict, save_dequantized, save_requantized
 from smt.core.quant import (
     INT8_THRESHOLD,
     OPTIMIZERS,
@@ -10,7 +11,6 @@ from smt.core.quant import (
     SKIPPED_MODULES,
     bnb_config,
     build_optimizer,
-    dequantized_state_dict,
     dequantized_weight,
     is_quantized,
     keep_trainable,
@@ -22,8 +22,6 @@ from smt.core.quant import (
     quantize_linear_layers,
     requantize,
     require_bitsandbytes,
-    save_dequantized,
-    save_requantized,
     tensor_bytes,
 )
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from smt.adapters.delta import read_delta
 from smt.core.model import check_selection_fits, logical_weight
+from smt.core.quant import is_quantized
 from smt.core.selection import Selection
 
 
@@ -90,8 +91,8 @@ def read_delta_for(
         warnings.simplefilter("ignore")
         check_selection_fits(model, selection)
     for name in selection.blocks:
-        weight = logical_weight(model.get_submodule(name))
-        if not weight.dtype.is_floating_point or not _flat_addressable(weight):
+        module = model.get_submodule(name)
+        if is_quantized(module) or not _flat_addressable(logical_weight(module)):
             raise ValueError(f"delta file {path}: {name} has a quantized or non-contiguous weight; use a float base")
     return selection, deltas
 

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from smt.adapters.delta import read_delta
-from smt.core.model import BANK_NAME, bank_holder, logical_weight, sparse_layers
-from smt.core.quant import is_quantized
+from smt.core.model import logical_weight, remove_smt, sparse_layers
 
 REPORT_NAME = "smt_lora_report.json"
 
@@ -160,7 +159,7 @@ def export_lora(
         ValueError: ``rank`` < 1, or the model mixes ``[in, out]`` (Conv1D) and ``[out, in]`` weights.
     """
     _check_rank(rank)
-    if sample_ids is not None and any(is_quantized(layer.base) for layer in sparse_layers(model).values()):
+    if sample_ids is not None and any(layer.quantized for layer in sparse_layers(model).values()):
         sample_ids = None
     base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
     base = base_copy(model) if sample_ids is not None else None
@@ -223,13 +222,7 @@ def _is_transposed(module: nn.Module) -> bool:
 
 def base_copy(model: nn.Module) -> nn.Module:
     """A plain copy of a tuning model's base (``W0``, wrapped layers and bank removed); ``model`` is untouched."""
-    plain = copy.deepcopy(model)
-    holder = bank_holder(plain)
-    for name, layer in sparse_layers(holder).items():
-        parent, _, child = name.rpartition(".")
-        setattr(holder.get_submodule(parent) if parent else holder, child, layer.base)
-    delattr(holder, BANK_NAME)
-    return plain
+    return remove_smt(copy.deepcopy(model))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smt.core.quant import is_quantized
 from smt.core.scoring import BlockScorer
 from smt.kernels import backend_for
 from smt.kernels.blocks import BlockGrid, BlockPlan
@@ -159,6 +160,7 @@ class SparseBlockLinear(nn.Module):
         self.bias = getattr(base, "bias", None)
         self.grid, self.transposed, self.forward_mode, self.kernel = grid, transposed, forward_mode, kernel
         self.in_features, self.out_features = grid.in_features, grid.out_features
+        self.quantized = is_quantized(base)  # its weight cannot hold W0 + Δ: merge() leaves it additive
         self.scorer: BlockScorer | None = None
         self.merged = False
         self._bank = None
@@ -231,11 +233,14 @@ class SparseBlockLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Write ``W0 + Δ`` into the weight (rounded once); keeps the original tiles for an exact ``unmerge``."""
-        if self.merged:
+        """Write ``W0 + Δ`` into the weight (rounded once); keeps the original tiles for an exact ``unmerge``.
+
+        A quantized base cannot hold ``W0 + Δ``: it is left as it is and its forward keeps adding Δ (so a merged
+        model computes the same function either way).
+        """
+        if self.merged or self.quantized:
             return
         if self.slot_ids():
-            _require_float_weight(self)
             w = _logical(self.weight, self.transposed)
             index = self.plan().index
             self._merged_tiles, self._merged_index = self.grid.gather(w, index).clone(), index.clone()
@@ -274,11 +279,3 @@ class SparseBlockLinear(nn.Module):
 def _anchor(x: torch.Tensor) -> torch.Tensor:
     """An empty tensor that requires grad: makes the tap's output require grad even for a first layer."""
     return torch.empty(0, device=x.device, requires_grad=True)
-
-
-def _require_float_weight(layer: SparseBlockLinear) -> None:
-    if not layer.weight.dtype.is_floating_point:
-        raise ValueError(
-            f"cannot merge into a {type(layer.base).__name__} with {layer.weight.dtype} storage in place; "
-            "merge into a dequantized copy (smt merge) instead"
-        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from smt.core.bank import BlockBank
 from smt.core.config import SMTConfig
 from smt.core.layer import SparseBlockLinear
 from smt.core.patterns import name_matcher, no_match_error
-from smt.core.quant import keep_trainable
+from smt.core.quant import is_quantized, keep_trainable
 from smt.core.scoring import BlockScorer
 from smt.core.selection import Pool, Selection, assign_pools, budget_blocks, select_top_k
 from smt.kernels.blocks import BlockGrid, resolve_block_size
@@ -37,8 +38,7 @@ def linear_geometry(module: nn.Module) -> tuple[int, int, bool, bool] | None:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
         return module.nf, module.nx, True, False
     if isinstance(module, nn.Linear):
-        quantized = type(module).__module__.startswith("bitsandbytes") or not module.weight.dtype.is_floating_point
-        return module.out_features, module.in_features, False, quantized
+        return module.out_features, module.in_features, False, is_quantized(module)
     return None
 
 
@@ -137,7 +137,7 @@ def inject(
     keep_trainable(model)  # bitsandbytes' CPU inference repacking would cut every gradient through the base
     for position, (name, layer) in enumerate(layers.items()):
         layer.attach(bank, position)
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     model.add_module(BANK_NAME, bank)
     return bank
 
@@ -150,11 +150,6 @@ def _wrap(module: nn.Module, grid: BlockGrid, config: SMTConfig) -> SparseBlockL
     if mode == "materialize" and quantized:
         raise ValueError("smt.forward='materialize' cannot write into a quantized weight; use 'additive' or 'auto'")
     return SparseBlockLinear(module, grid, transposed, mode, config.kernel)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | None = None) -> BlockBank:
@@ -370,6 +365,26 @@ def current_selection(model: nn.Module) -> Selection:
 # --- taking SMT out -----------------------------------------------------------------------------------
 
 
+def remove_smt(model: nn.Module, replace: Callable[[str, SparseBlockLinear], nn.Module] | None = None) -> nn.Module:
+    """Take SMT out of ``model``: a plain module goes back in place of every wrapped layer, and the bank goes.
+
+    The one way out, used by ``merge_delta`` (``W0 + Δ`` written first), by the LoRA export's base copy and by the
+    re-quantized export (a new quantized layer per tuned one).
+
+    Args:
+        model: the network the bank is on, or any module around it.
+        replace: ``(name, layer) → module`` to put in place of each wrapped layer; default: its own base module.
+
+    Returns:
+        ``model`` itself, without wrapped layers or bank.
+    """
+    holder = bank_holder(model)
+    for name, layer in sparse_layers(holder).items():
+        holder.set_submodule(name, layer.base if replace is None else replace(name, layer))
+    delattr(holder, BANK_NAME)
+    return model
+
+
 def merge_delta(model: nn.Module) -> nn.Module:
     """Write ``W0 + Δ`` into each target's weight and put the plain modules back; removes the bank.
 
@@ -378,13 +393,20 @@ def merge_delta(model: nn.Module) -> nn.Module:
 
     Returns:
         ``model`` itself, now a plain model (e.g. ready for transformers' ``save_pretrained``).
+
+    Raises:
+        ValueError: a tuned layer is quantized (its storage cannot hold ``W0 + Δ``); nothing is changed then.
     """
-    holder = bank_holder(model)
-    for name, layer in sparse_layers(holder).items():
+    layers = sparse_layers(model)
+    quantized = [name for name, layer in layers.items() if layer.quantized and layer.slot_ids()]
+    if quantized:
+        raise ValueError(
+            f"cannot merge into {quantized[0]} ({type(layers[quantized[0]].base).__name__}): quantized storage cannot "
+            "hold W0 + Δ; save a dequantized or re-quantized copy instead (smt export --merged [--requantize])"
+        )
+    for layer in layers.values():
         layer.merge()
-        _set_submodule(holder, name, layer.base)
-    delattr(holder, BANK_NAME)
-    return model
+    return remove_smt(model)
 
 
 @dataclass(frozen=True)
@@ -431,13 +453,17 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 class merged:
     """Context manager: every wrapped layer holds ``W0 + Δ`` inside, the original bits after.
 
+    Quantized layers stay as they are and add Δ in their forward (see ``SparseBlockLinear.merge``), so the model
+    computes ``W0 + Δ`` everywhere inside, without a per-call weight copy where the weight can hold it. A model
+    without a bank is left as it is.
+
     Example:
         >>> with merged(model):  # doctest: +SKIP
         ...     model.save_pretrained(out, state_dict=plain_state_dict(model))
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = list(sparse_layers(model).values())
+        self.layers = list(sparse_layers(model).values()) if get_bank(model) is not None else []
 
     def __enter__(self) -> list[SparseBlockLinear]:
         for layer in self.layers:

@@ -6,9 +6,9 @@ adds its blocks on top, ``y = base(x) + Σ_b x[:, cols_b]·Δ_bᵀ``, and the wa
 ``y_base = x·W̃ᵀ``. SMT itself never dequantizes a weight to train or score; bitsandbytes' own
 forward/backward dequantizes one weight at a time, as it does without SMT.
 
-Taking Δ out into a quantized base: ``W = deq(Q) + Δ`` is saved in bf16/fp16 (exact up to that
-rounding), or re-quantized, ``Q' = quant(deq(Q) + Δ)``, with the error ``max |deq(Q') − (deq(Q) + Δ)|``
-reported — quantization error is never introduced silently.
+Taking Δ out into a quantized base (``smt.adapters.merge``): ``W = deq(Q) + Δ`` is saved in bf16/fp16 (exact up to
+that rounding), or re-quantized, ``Q' = quant(deq(Q) + Δ)``, with the error ``max |deq(Q') − (deq(Q) + Δ)|``
+reported — quantization error is never introduced silently. Here: the layer-level pieces (dequantize, re-quantize).
 
 Nothing here imports bitsandbytes at import time: it is imported when a quantized setting is used.
 """
@@ -27,6 +27,8 @@ SKIPPED_MODULES = ("lm_head",)
 """Left in full precision, as transformers' ``BitsAndBytesConfig`` loading does (the output projection)."""
 INT8_THRESHOLD = 6.0
 """LLM.int8() outlier threshold: transformers' ``llm_int8_threshold`` default."""
+BNB_LAYERS = ("Linear4bit", "Linear8bitLt")
+"""The bitsandbytes layer classes (and their subclasses) that hold quantized weights."""
 
 
 # --- checking --------------------------------------------------------------------------------------------
@@ -64,9 +66,25 @@ def _first_line(err: Exception) -> str:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes quantized Linear (4-bit, or 8-bit with int8 storage)."""
-    kind = type(module).__name__
-    return type(module).__module__.startswith("bitsandbytes") and kind in ("Linear4bit", "Linear8bitLt")
+    """Whether ``module``'s weight is quantized storage, which cannot hold ``W0 + Δ`` in place: smt's one answer.
+
+    True for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (or a subclass: ``LinearNF4``, ``LinearFP4``; a 4-bit
+    weight stored as bf16 bytes counts too) and for any other layer whose weight is not a float tensor. A wrapped
+    layer answers for its base (``SparseBlockLinear.quantized``).
+    """
+    if _bitsandbytes_layer(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
+
+
+def _bitsandbytes_layer(module: nn.Module, kinds: tuple[str, ...] = BNB_LAYERS) -> bool:
+    return any(kind.__name__ in kinds and kind.__module__.startswith("bitsandbytes") for kind in type(module).__mro__)
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` (wrapped or not) is quantized, by :func:`is_quantized`."""
+    return any(is_quantized(getattr(module, "base", module)) for module in model.modules())
 
 
 # --- building -------------------------------------------------------------------------------------------
@@ -134,10 +152,8 @@ def quantize_linear_layers(
         and id(module.weight) not in tied
     ]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        quantized = quantize_linear(getattr(parent, child), quantization, compute_dtype, double_quant, device)
-        setattr(parent, child, quantized)
+        linear = model.get_submodule(name)
+        model.set_submodule(name, quantize_linear(linear, quantization, compute_dtype, double_quant, device))
     return len(names)
 
 
@@ -164,7 +180,7 @@ def keep_trainable(model: nn.Module) -> int:
     """
     restored = 0
     for layer in model.modules():
-        if type(layer).__name__ != "Linear4bit" or not is_quantized(layer):
+        if not _bitsandbytes_layer(layer, ("Linear4bit",)):
             continue
         layer.support_avx512bf16_for_cpu = False  # the switch bitsandbytes reads before repacking
         state = getattr(layer.weight, "quant_state", None)
@@ -187,13 +203,13 @@ def make_loadable(module: nn.Module) -> None:
     layer takes those entries, rebuilds the quant state, and leaves ``weight`` to the ordinary copy.
     """
     for layer in module.modules():
-        if is_quantized(layer) and not getattr(layer, "_smt_loadable", False):
+        if _bitsandbytes_layer(layer) and not getattr(layer, "_smt_loadable", False):
             layer._register_load_state_dict_pre_hook(_load_quant_state, with_module=True)
             layer._smt_loadable = True
 
 
 def _load_quant_state(layer, state_dict, prefix, *args) -> None:
-    if type(layer).__name__ == "Linear4bit":
+    if _bitsandbytes_layer(layer, ("Linear4bit",)):
         from bitsandbytes.functional import QuantState
 
         stem = prefix + "weight."
@@ -229,7 +245,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
 
     weight = layer.weight
-    if type(layer).__name__ == "Linear4bit":
+    if _bitsandbytes_layer(layer, ("Linear4bit",)):
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
     return bnbf.int8_vectorwise_dequant(weight.data, scb).float()
@@ -237,7 +253,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 def quantization_of(layer: nn.Module) -> tuple[str, torch.dtype, bool]:
     """``(quantization, compute_dtype, double_quant)`` of a quantized layer, to re-quantize it alike."""
-    if type(layer).__name__ == "Linear8bitLt":
+    if _bitsandbytes_layer(layer, ("Linear8bitLt",)):
         return "int8", torch.float32, False
     state = layer.weight.quant_state
     return state.quant_type, layer.compute_dtype or torch.float32, state.nested
@@ -306,76 +322,3 @@ def tensor_bytes(tensors) -> int:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (moments, 8-bit quantization maps, …)."""
     return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
-
-
-# --- a merged, dequantized model ------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def dequantized_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's plain state dict in ``dtype``: each quantized weight as ``deq(Q)``, plus Δ where SMT tunes it.
-
-    One weight is dequantized at a time; smt's own entries (the bank) are left out.
-    """
-    from smt.core.model import BANK_NAME
-
-    skipped = quant_state_keys(model)
-    state = {k: v for k, v in model.state_dict().items() if k not in skipped and not k.startswith(BANK_NAME + ".")}
-    for name, module in model.named_modules():
-        base = getattr(module, "base", module)
-        if not is_quantized(base):
-            continue
-        weight = dequantized_weight(base)
-        if base is not module:  # a SparseBlockLinear: its tuned blocks' Δ, applied on the dequantized weight
-            weight += module.delta_weight().to(weight.device)
-        state[f"{name}.weight"] = weight
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def save_dequantized(model: nn.Module, folder, dtype: torch.dtype = torch.bfloat16) -> None:
-    """``save_pretrained`` a plain (unquantized) copy of a transformers model holding ``deq(Q) + Δ`` in ``dtype``."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    with torch.device("meta"):  # no second random initialisation: every tensor comes from the state dict
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(dequantized_state_dict(model, dtype), strict=True, assign=True)
-    plain.tie_weights()
-    plain.save_pretrained(folder)
-
-
-@torch.no_grad()
-def save_requantized(model: nn.Module, folder) -> list[tuple[str, float, float, float]]:
-    """Save ``quant(deq(Q) + Δ)`` in the base's own format; consumes ``model`` (its bank is taken out).
-
-    Returns:
-        ``(module, max |deq(Q') − (deq(Q) + Δ)|, that ÷ max |deq(Q) + Δ|, max |Δ|)`` for each re-quantized layer:
-        an error near ``max |Δ|`` means the quantization grid cannot hold the tuned change.
-
-    Raises:
-        ValueError: the base is not quantized (save a plain merged model instead).
-    """
-    from smt.core.model import BANK_NAME, sparse_layers
-
-    layers = sparse_layers(model)
-    if not any(is_quantized(layer.base) for layer in layers.values()):
-        raise ValueError("--requantize needs a quantized base (model.quantization nf4/fp4/int8); this one is not")
-    report, kind = [], None
-    for name, layer in layers.items():
-        base = layer.base
-        if is_quantized(base) and layer.slot_ids():
-            delta = layer.delta_weight()
-            base, error, relative = requantize(base, dequantized_weight(base) + delta.to(base.weight.device))
-            report.append((name, error, relative, float(delta.abs().max())))
-        kind = kind or (quantization_of(base) if is_quantized(base) else None)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
-    delattr(model, BANK_NAME)
-    model.config.quantization_config = bnb_config(*kind).to_dict()  # from_pretrained re-creates the layers
-    model.save_pretrained(folder)
-    return report

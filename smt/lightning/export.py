@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from smt.adapters.delta import save_delta
-from smt.core.model import DTYPES, get_bank, inject_from_state, merge_delta
+from smt.adapters.merge import fuse_deltas_, save_merged, save_requantized
+from smt.core.model import DTYPES, get_bank, inject_from_state
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 
 
@@ -104,15 +105,11 @@ def run_export(args: list[str]) -> None:
     if options.merged and options.requantize:
         _export_requantized(module, options.merged)
     elif options.merged:
-        from smt.lightning.module import save_merged
-
         print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
 
 
 def _export_requantized(module, folder: str) -> None:
     """``quant(deq(Q) + Δ)`` saved in the base's format, with the re-quantization error of each layer printed."""
-    from smt.core.quant import save_requantized
-
     report = save_requantized(module.model, folder)  # consumes the model: it runs last
     module.tokenizer.save_pretrained(folder)
     lines = [
@@ -175,41 +172,8 @@ def split_merge_targets(base: str, positionals: list[str], out: str | None) -> t
     return positionals, out
 
 
-@torch.no_grad()
-def fuse_deltas_(
-    model: torch.nn.Module, paths: list[str | Path], weights: list[float] | None = None, base_model_id=None
-) -> torch.nn.Module:
-    """``W = W0 + Σ_d w_d · Δ_d`` (sum in fp32, one rounding) on a plain model; every file is validated first.
-
-    Args:
-        model: a plain model (weights are changed in place).
-        paths: delta files; blocks that overlap add up with their weights.
-        weights: one per file (default 1 each).
-        base_model_id: the base's id for the check; default ``model.config._name_or_path``, ``""`` skips it.
-
-    Raises:
-        ValueError: a bad file, another base, or a non-finite weight; the model is unchanged then.
-    """
-    from smt.adapters.deltaset import DeltaSet
-
-    weights = [1.0] * len(paths) if weights is None else list(weights)
-    deltas = DeltaSet(model, base_model_id)
-    for position, path in enumerate(paths):
-        deltas.add(str(position), path)  # validates; the weights are not written yet
-    deltas.activate({str(position): weight for position, weight in enumerate(weights)})
-    return model
-
-
-def add_delta_(model: torch.nn.Module, path: str | Path, weight: float = 1.0) -> None:
-    """``W += weight · Δ`` for every block of a delta file, on a plain model (validated before any write)."""
-    fuse_deltas_(model, [path], [weight], "")
-
-
 __all__ = [
-    "add_delta_",
-    "fuse_deltas_",
     "load_checkpoint",
-    "merge_delta",
     "model_from_checkpoint",
     "run_export",
     "run_merge",

@@ -10,7 +10,6 @@ transformers model inside, so delta files carry the model's own module names.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
-from smt.core.model import get_bank, merged, plain_state_dict
+from smt.adapters.merge import save_merged
+from smt.core.model import get_bank, merged
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 from smt.core.quant import (
     OPTIMIZERS,
@@ -30,7 +30,6 @@ from smt.core.quant import (
     quant_state_keys,
     quantize_linear_layers,
     require_bitsandbytes,
-    save_dequantized,
 )
 from smt.lightning.hub import from_pretrained
 from smt.lightning.loss import IGNORE_INDEX, labelled_positions_loss
@@ -256,8 +255,7 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        mergeable = get_bank(self.model) is not None and self.hparams.quantization == "none"
-        with merged(self.model) if mergeable else nullcontext():  # exact, no per-call copy (a quantized base adds Δ)
+        with merged(self.model):  # exact, no per-call weight copy (a quantized layer keeps adding Δ)
             correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
 
@@ -360,23 +358,6 @@ class SMTLanguageModel(LightningModule):
         elif self.hparams.merged_dir and self.trainer.is_global_zero:
             save_merged(self.model, self.tokenizer, self.hparams.merged_dir)
             rank_zero_info(f"smt: merged model written to {self.hparams.merged_dir}")
-
-
-def save_merged(model: torch.nn.Module, tokenizer, folder: str | Path, dtype: str = "bfloat16") -> Path:
-    """``save_pretrained`` of ``W0 + Δ`` (plain transformers keys) and the tokenizer; the model is unchanged after.
-
-    A quantized base cannot hold ``W0 + Δ`` in place: its weights are dequantized, Δ added, and the model saved in
-    ``dtype`` (bf16 by default; ignored for a float base, which keeps its dtype) with plain Linear layers.
-    """
-    folder = Path(folder)
-    if quant_state_keys(model):
-        save_dequantized(model, folder, DTYPES[dtype])
-    else:
-        with merged(model):
-            model.save_pretrained(folder, state_dict=plain_state_dict(model))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _model_inputs(batch: dict) -> dict:

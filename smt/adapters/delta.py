@@ -119,6 +119,18 @@ def read_delta(path: str | Path) -> tuple[Selection, dict[str, torch.Tensor], di
     return selection, deltas, meta
 
 
+def dense_deltas_of(selection: Selection, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module → dense fp32 Δ ``[out, in]`` of a delta as ``read_delta`` gives it (modules without blocks left out)."""
+    dense = {}
+    for name, index in selection.blocks.items():
+        if len(index):
+            grid = selection.grids[name]
+            dense[name] = grid.scatter_add_(
+                torch.zeros(grid.out_features, grid.in_features), index, deltas[name].float()
+            )
+    return dense
+
+
 def _check_module(path, name, index, delta, grid: BlockGrid) -> None:
     if index is None or delta is None:
         raise ValueError(

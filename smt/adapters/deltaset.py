@@ -80,6 +80,18 @@ def read_delta_for(
         ValueError: invalid file, another base (names, shapes or id), or a weight that cannot take a delta.
     """
     selection, deltas, meta = read_delta(path)
+    check_delta_fits(model, selection, meta, path, base_model_id)
+    return selection, deltas
+
+
+def check_delta_fits(
+    model: nn.Module, selection: Selection, meta: dict[str, str], path: str | Path, base_model_id: str | None = None
+) -> None:
+    """Raise unless a delta file read by ``read_delta`` fits the plain ``model`` (see :func:`read_delta_for`).
+
+    Raises:
+        ValueError: another base (names, shapes or id), or a weight that cannot take a delta.
+    """
     if base_model_id is None:
         base_model_id = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not same_base(base_model_id, meta.get("base_model_id")):
@@ -94,7 +106,6 @@ def read_delta_for(
         module = model.get_submodule(name)
         if is_quantized(module) or not _flat_addressable(logical_weight(module)):
             raise ValueError(f"delta file {path}: {name} has a quantized or non-contiguous weight; use a float base")
-    return selection, deltas
 
 
 def _flat_addressable(weight: torch.Tensor) -> bool:
@@ -206,4 +217,4 @@ class DeltaSet:
         self._written, self.active = {}, {}
 
 
-__all__ = ["DeltaSet", "ModuleDelta", "module_deltas", "read_delta_for", "same_base"]
+__all__ = ["DeltaSet", "ModuleDelta", "check_delta_fits", "module_deltas", "read_delta_for", "same_base"]

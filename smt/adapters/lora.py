@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.adapters.delta import read_delta
+from smt.adapters.delta import dense_deltas_of, read_delta
+from smt.adapters.deltaset import check_delta_fits
 from smt.core.model import logical_weight, remove_smt, sparse_layers
 
 REPORT_NAME = "smt_lora_report.json"
@@ -66,14 +67,7 @@ def dense_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
 def dense_deltas_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Module → dense fp32 Δ ``[out, in]`` of a delta file (validated by ``read_delta``)."""
     selection, deltas, _ = read_delta(path)
-    dense = {}
-    for name, index in selection.blocks.items():
-        if len(index):
-            grid = selection.grids[name]
-            dense[name] = grid.scatter_add_(
-                torch.zeros(grid.out_features, grid.in_features), index, deltas[name].float()
-            )
-    return dense
+    return dense_deltas_of(selection, deltas)
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -175,13 +169,16 @@ def export_lora_from_file(
     dtype: torch.dtype = torch.float32,
     sample_ids: torch.Tensor | None = None,
 ) -> LoraReport:
-    """``export_lora`` for a delta file on its plain base model (validated against it; ``base`` is unchanged)."""
-    from smt.adapters.deltaset import read_delta_for
+    """``export_lora`` for a delta file on its plain base model (validated against it; ``base`` is unchanged).
 
+    The file is read once: validated on its own, then against ``base`` (another base, NaN, a future version… are
+    refused before anything is written).
+    """
     _check_rank(rank)
-    read_delta_for(base, delta_path)  # another base, NaN, future version... refused before anything is written
-    base_model_id = read_delta(delta_path)[2].get("base_model_id") or None
-    return write_lora(dense_deltas_from_file(delta_path), base, folder, rank, base_model_id, dtype, sample_ids)
+    selection, deltas, meta = read_delta(delta_path)
+    check_delta_fits(base, selection, meta, delta_path)
+    base_model_id = meta.get("base_model_id") or None
+    return write_lora(dense_deltas_of(selection, deltas), base, folder, rank, base_model_id, dtype, sample_ids)
 
 
 def _check_rank(rank: int) -> None:
@@ -265,6 +262,7 @@ __all__ = [
     "base_copy",
     "dense_deltas",
     "dense_deltas_from_file",
+    "dense_deltas_of",
     "export_lora",
     "export_lora_from_file",
     "low_rank",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smt.adapters.delta import read_delta
+from smt.adapters.delta import dense_deltas_of, read_delta
 from smt.core.model import sparse_layers
 
 
@@ -66,12 +66,8 @@ def export_shira(model: nn.Module, folder: str | Path, base_model_id: str | None
 def export_shira_from_file(delta_path: str | Path, folder: str | Path, dtype=torch.float32) -> ShiraReport:
     """``export_shira`` for a delta file (validated by ``read_delta``); no model needed."""
     selection, deltas, meta = read_delta(delta_path)
-    supports = {}
-    for name, index in selection.blocks.items():
-        if len(index):
-            grid = selection.grids[name]
-            dense = grid.scatter_add_(torch.zeros(grid.out_features, grid.in_features), index, deltas[name].float())
-            supports[name] = (dense, _support(grid, index))
+    dense = dense_deltas_of(selection, deltas)
+    supports = {name: (delta, _support(selection.grids[name], selection.blocks[name])) for name, delta in dense.items()}
     return write_shira(supports, folder, meta.get("base_model_id") or None, dtype)
 
 

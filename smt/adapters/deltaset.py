@@ -1,17 +1,19 @@
 """Several delta files on one plain base model, switched in place (adapter hot-swap and fusion).
 
 For every delta and targeted weight the set keeps the flat positions ``P`` the delta touches, Δ there
-(fp32), the original values ``W0[P]`` and the merged values ``round(W0[P] + Δ[P])``, all read on ``add``.
-Activating one delta writes its merged values; deactivating writes ``W0[P]`` back. A switch is therefore
-two ``index_copy_`` per module, the cost of a scatter of the delta's size, with no arithmetic. Activating
+(fp32) and the original values ``W0[P]``, read on ``add``, and the merged values ``round(W0[P] + Δ[P])``, made
+when the delta is first activated alone. Activating one delta writes its merged values; deactivating writes
+``W0[P]`` back. A switch is therefore two ``index_copy_`` per module, the cost of a scatter of the delta's size,
+with no arithmetic. Activating
 several deltas with weights ``{d: w_d}`` (fusion) writes, over the union of their positions,
 
     W[P] = round(W0[P] + Σ_d w_d · Δ_d[P])      (the sum in fp32, one rounding to the weight's dtype)
 
 Restoring saved values, rather than subtracting Δ again (``W0 + Δ − Δ`` is not ``W0`` in floating point),
 makes A → B → A land on exactly A's bits in any dtype; A's values are ``W0 + Δ_A`` rounded once, so a
-bf16 base differs from the fp32 reference by at most one bf16 rounding. Memory: about three times the
-delta's size per loaded delta (Δ in fp32, W0 and W0 + Δ in the weight's dtype).
+bf16 base differs from the fp32 reference by at most one bf16 rounding. Memory per loaded delta and tuned weight:
+8 bytes of position, 4 of Δ, W0 and (once activated alone) W0 + Δ in the weight's dtype. A one-shot merge keeps
+neither (``smt.adapters.merge.fuse_deltas_``: positions and Δ of every file, then one module at a time).
 
 Every delta is validated on ``add`` (file format, finiteness, module names and shapes against the base,
 base model id) before anything is stored or written.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -128,6 +130,33 @@ def module_deltas(model: nn.Module, selection: Selection, deltas: dict[str, torc
     return flat
 
 
+def weighted_sum(parts: list[tuple[ModuleDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``Σ_d w_d · Δ_d`` of one module over the union of the parts' positions, in fp32.
+
+    Returns:
+        ``(positions P, the sum at P, inverse)``; ``inverse`` maps the concatenated parts' entries into ``P``
+        (None for a single part, whose positions are ``P`` as they are).
+    """
+    if len(parts) == 1:
+        delta, weight = parts[0]
+        return delta.positions, delta.values if weight == 1.0 else weight * delta.values, None
+    positions, inverse = torch.unique(torch.cat([d.positions for d, _ in parts]), return_inverse=True)
+    total = torch.zeros(len(positions), device=positions.device)
+    total.index_add_(0, inverse, torch.cat([w * d.values for d, w in parts]))
+    return positions, total, inverse
+
+
+def flat_storage(model: nn.Module, module: str) -> torch.Tensor:
+    """The flat view of ``module``'s weight storage, which ``ModuleDelta.positions`` index."""
+    weight = logical_weight(model.get_submodule(module))
+    return weight.view(-1) if weight.is_contiguous() else weight.t().view(-1)
+
+
+def _plus(originals: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``round(W0 + Σ)``: the sum in fp32, rounded once to the weight's dtype."""
+    return (originals.float() + total).to(originals.dtype)
+
+
 class DeltaSet:
     """Delta files loaded onto one plain base model; one of them (or a weighted sum) active at a time.
 
@@ -159,10 +188,7 @@ class DeltaSet:
         self.deactivate()  # W0 is read where the active deltas may have written
         with torch.no_grad():
             for module, delta in flat.items():
-                storage = self._storage(module)
-                originals = storage[delta.positions].clone()
-                merged = (originals.float() + delta.values).to(storage.dtype)
-                flat[module] = ModuleDelta(delta.positions, delta.values, originals, merged)
+                flat[module] = replace(delta, originals=self._storage(module)[delta.positions].clone())
         self.deltas[name] = flat
         if active:
             self.activate(active)
@@ -172,8 +198,7 @@ class DeltaSet:
         cached = self._storages.get(module)
         if cached is not None and cached[1].data_ptr() == cached[0].data_ptr():  # `.to()` re-points .data
             return cached[1]
-        weight = logical_weight(self.model.get_submodule(module))
-        flat = weight.view(-1) if weight.is_contiguous() else weight.t().view(-1)
+        flat = flat_storage(self.model, module)
         self._storages[module] = (self.model.get_submodule(module).weight, flat)
         return flat
 
@@ -199,15 +224,19 @@ class DeltaSet:
 
     def _combine(self, module: str, weights: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(positions, W0 there, round(W0 + Σ_d w_d · Δ_d) there)`` of one module."""
-        parts = [(self.deltas[n][module], w) for n, w in weights.items() if module in self.deltas[n]]
-        if len(parts) == 1 and parts[0][1] == 1.0:  # the switch path: values computed on add
-            return parts[0][0].positions, parts[0][0].originals, parts[0][0].merged
-        positions, inverse = torch.unique(torch.cat([d.positions for d, _ in parts]), return_inverse=True)
-        originals = torch.empty(len(positions), dtype=parts[0][0].originals.dtype, device=positions.device)
-        originals[inverse] = torch.cat([d.originals for d, _ in parts])  # every delta saw the same W0
-        total = torch.zeros(len(positions), device=positions.device)
-        total.index_add_(0, inverse, torch.cat([w * d.values for d, w in parts]))
-        return positions, originals, (originals.float() + total).to(originals.dtype)
+        names = [n for n in weights if module in self.deltas[n]]
+        parts = [(self.deltas[n][module], weights[n]) for n in names]
+        if len(parts) == 1 and parts[0][1] == 1.0:  # the switch path: merged values made once, then reused
+            delta = parts[0][0]
+            if delta.merged is None:
+                delta = self.deltas[names[0]][module] = replace(delta, merged=_plus(delta.originals, delta.values))
+            return delta.positions, delta.originals, delta.merged
+        positions, total, inverse = weighted_sum(parts)
+        originals = parts[0][0].originals
+        if inverse is not None:
+            originals = torch.empty(len(positions), dtype=originals.dtype, device=positions.device)
+            originals[inverse] = torch.cat([d.originals for d, _ in parts])  # every delta saw the same W0
+        return positions, originals, _plus(originals, total)
 
     @torch.no_grad()
     def deactivate(self) -> None:
@@ -217,4 +246,13 @@ class DeltaSet:
         self._written, self.active = {}, {}
 
 
-__all__ = ["DeltaSet", "ModuleDelta", "check_delta_fits", "module_deltas", "read_delta_for", "same_base"]
+__all__ = [
+    "DeltaSet",
+    "ModuleDelta",
+    "check_delta_fits",
+    "flat_storage",
+    "module_deltas",
+    "read_delta_for",
+    "same_base",
+    "weighted_sum",
+]

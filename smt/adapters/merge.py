@@ -13,11 +13,13 @@ No Lightning here; transformers is imported only to rebuild a plain model from a
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from smt.adapters.deltaset import flat_storage, module_deltas, read_delta_for, weighted_sum
 from smt.core.model import BANK_NAME, DTYPES, merged, plain_state_dict, remove_smt, sparse_layers
 from smt.core.quant import (
     bnb_config,
@@ -126,14 +128,19 @@ def fuse_deltas_(
 
     Raises:
         ValueError: a bad file, another base, or a non-finite weight; the model is unchanged then.
-    """
-    from smt.adapters.deltaset import DeltaSet
 
-    weights = [1.0] * len(paths) if weights is None else list(weights)
-    deltas = DeltaSet(model, base_model_id)
-    for position, path in enumerate(paths):
-        deltas.add(str(position), path)  # validates; the weights are not written yet
-    deltas.activate({str(position): weight for position, weight in enumerate(weights)})
+    Held meanwhile: the positions (8 bytes) and fp32 Δ (4 bytes) of every file's entries; ``W0`` is read and
+    ``round(W0 + Σ)`` written one module at a time (a ``DeltaSet`` would also keep ``W0`` for switching back).
+    """
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"smt merge --weights {weights} must be finite numbers")
+    flats = [module_deltas(model, *read_delta_for(model, path, base_model_id)) for path in paths]  # all validated
+    for module in sorted({name for flat in flats for name in flat}):
+        parts = [(flat[module], weight) for flat, weight in zip(flats, weights) if module in flat]
+        positions, total, _ = weighted_sum(parts)
+        storage = flat_storage(model, module)
+        storage.index_copy_(0, positions, (storage[positions].float() + total).to(storage.dtype))
     return model
 
 

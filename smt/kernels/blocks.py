@@ -171,33 +171,58 @@ class BlockGrid:
 
     def gather(self, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Tiles ``[k, bo, bi]`` of ``weight`` (``[out, in]``, any strides) at blocks ``index``; ragged parts are 0."""
-        rows, row_valid = self.tile_rows(index[:, 0])
-        cols, col_valid = self.tile_cols(index[:, 1])
-        tiles = weight[rows[:, :, None], cols[:, None, :]]
-        return tiles * (row_valid[:, :, None] & col_valid[:, None, :]).to(tiles.dtype)
+        storage, offsets = self._flat_offsets(weight, index)
+        tiles = storage.index_select(0, offsets.reshape(-1)).view(offsets.shape)
+        return tiles * self.tile_mask(index).to(tiles.dtype)
 
     def scatter_add_(self, weight: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
         """``weight[block] += tile`` for each block in ``index``, in place; ragged parts of tiles are ignored.
 
-        Blocks in ``index`` must be distinct (a valid selection is). Ragged positions are clamped onto
-        the edge and add an exact zero there, which keeps this free of boolean indexing (no host sync).
+        Blocks in ``index`` must be distinct (a valid selection is). Ragged positions are clamped onto the edge and
+        add an exact zero there, which keeps this free of boolean indexing (no host sync).
         """
-        rows, row_valid = self.tile_rows(index[:, 0])
-        cols, col_valid = self.tile_cols(index[:, 1])
-        mask = row_valid[:, :, None] & col_valid[:, None, :]
-        values = torch.where(mask, tiles.to(weight.dtype), torch.zeros((), dtype=weight.dtype, device=weight.device))
-        weight.index_put_((rows[:, :, None].expand_as(mask), cols[:, None, :].expand_as(mask)), values, accumulate=True)
+        storage, offsets = self._flat_offsets(weight, index)
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        values = torch.where(self.tile_mask(index), tiles.to(weight.dtype), zero)
+        storage.index_add_(0, offsets.reshape(-1), values.reshape(-1))
         return weight
 
     def scatter_(self, weight: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
-        """``weight[block] = tile`` for each block in ``index``, in place; ragged parts of tiles are ignored."""
-        rows, row_valid = self.tile_rows(index[:, 0])
-        cols, col_valid = self.tile_cols(index[:, 1])
-        mask = row_valid[:, :, None] & col_valid[:, None, :]
-        r = rows[:, :, None].expand_as(mask)[mask]
-        c = cols[:, None, :].expand_as(mask)[mask]
-        weight.index_put_((r, c), tiles.to(weight.dtype)[mask])
+        """``weight[block] = tile`` for each block in ``index``, in place; ragged parts of tiles are ignored.
+
+        Ragged positions are clamped onto the edge and carry the value written there, so the duplicate writes agree
+        (no boolean indexing, no host sync).
+        """
+        storage, offsets = self._flat_offsets(weight, index)
+        values = tiles.to(weight.dtype)
+        if self.out_features % self.block_rows or self.in_features % self.block_cols:
+            values = self._edge_clamped(values, index)
+        storage.index_copy_(0, offsets.reshape(-1), values.reshape(-1))
         return weight
+
+    def _flat_offsets(self, weight: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 1-D view over ``weight``'s storage and the offsets ``[k, bo, bi]`` of every tile entry in it.
+
+        ``offset = row·stride(0) + col·stride(1)`` works for any strided ``[out, in]`` view (a GPT-2 ``Conv1D``
+        weight's ``.t()`` included); ragged positions are clamped onto the weight's edge. One ``index_select`` /
+        ``index_copy_`` on flat offsets is ~10× faster on CPU than 2-D advanced indexing of the same tiles.
+        """
+        rows, _ = self.tile_rows(index[:, 0])
+        cols, _ = self.tile_cols(index[:, 1])
+        row_stride, col_stride = weight.stride()
+        offsets = rows[:, :, None] * row_stride + cols[:, None, :] * col_stride
+        span = (self.out_features - 1) * row_stride + (self.in_features - 1) * col_stride + 1
+        return weight.as_strided((span,), (1,)), offsets
+
+    def _edge_clamped(self, tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``tiles`` with each ragged position holding the value of the edge entry it is clamped onto."""
+        index = index.long()
+        row_count = (self.out_features - index[:, 0] * self.block_rows).clamp_max(self.block_rows)
+        col_count = (self.in_features - index[:, 1] * self.block_cols).clamp_max(self.block_cols)
+        inner_rows = torch.minimum(torch.arange(self.block_rows, device=index.device), row_count[:, None] - 1)
+        inner_cols = torch.minimum(torch.arange(self.block_cols, device=index.device), col_count[:, None] - 1)
+        tiles = tiles.gather(1, inner_rows[:, :, None].expand_as(tiles))
+        return tiles.gather(2, inner_cols[:, None, :].expand_as(tiles))
 
     def reduce_tiles(self, matrix: torch.Tensor, reduction: str) -> torch.Tensor:
         """Reduce a full ``[out, in]`` matrix tile by tile to ``[n_rb, n_cb]`` (``sum``, ``abs``, ``sq``).

@@ -146,6 +146,22 @@ def _check_module(path, name, index, delta, grid: BlockGrid) -> None:
         raise ValueError(f"delta file {path}: {name} holds non-finite or non-float values; refusing to apply it")
 
 
+def read_selection(path: str | Path) -> Selection:
+    """The selection in ``path``: a selection file, or the blocks a delta file tunes (``smt.selection_path``).
+
+    Raises:
+        ValueError: neither kind of file, or an invalid one.
+    """
+    if str(path).endswith(".safetensors"):
+        try:
+            return Selection.load(path)
+        except ValueError as err:
+            if "not an smt selection file" not in str(err):
+                raise
+        return read_delta(path)[0]
+    return Selection.load(path)
+
+
 def load_delta(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply a delta file to ``model`` (a fresh base model, or one whose bank has the same capacity).
 

@@ -19,7 +19,8 @@ from dataclasses import replace
 from torch import nn
 
 from smt.core.config import SMTConfig
-from smt.core.model import BANK_NAME, exact_pattern, find_targets
+from smt.core.model import BANK_NAME, exact_pattern, find_targets, sparse_layers
+from smt.core.patterns import name_matcher, no_match_error
 from smt.core.selection import Selection, assign_pools
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -76,6 +77,31 @@ def config_for_holder(config: SMTConfig, root: nn.Module, prefix: str) -> SMTCon
     return replace(config, target_modules=exact_pattern(relative.values()), pools=pools)
 
 
+def train_densely(root: nn.Module, patterns: str | list[str], network: nn.Module) -> None:
+    """Train the parameters of ``root`` named by ``patterns`` (or owned by a module they name) densely, beside the
+    blocks (``smt.trainable_modules``: a new head, norms); the weights smt tunes in blocks (in ``network``) stay out.
+
+    Raises:
+        ValueError: ``patterns`` match nothing (the message shows a real name).
+    """
+    matches = name_matcher(patterns, "smt.trainable_modules")
+    targeted = {id(layer.weight) for layer in sparse_layers(network).values()}
+    hits = 0
+    for name, param in root.named_parameters():
+        owner = name.rpartition(".")[0]
+        if (matches(name) or matches(owner)) and id(param) not in targeted and BANK_NAME not in name:
+            param.requires_grad_(True)
+            hits += 1
+    if hits == 0:
+        owners = [n for n, m in root.named_modules() if n and BANK_NAME not in n and _owns_parameters(m)]
+        what = f"module or parameter of {type(root).__name__} outside the targeted weights"
+        raise no_match_error("smt.trainable_modules", patterns, owners, what)
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
 def relocate_root_bank(state_dict: dict, prefix: str) -> None:
     """Move a bank saved on the root (``smt_bank.*``) to ``<prefix>.smt_bank.*``, in place; a no-op otherwise.
 
@@ -96,6 +122,11 @@ def relative_names(by_name: dict, prefix: str) -> dict:
     if not prefix or not by_name or not all(name.startswith(prefix + ".") for name in by_name):
         return by_name
     return {name.removeprefix(prefix + "."): value for name, value in by_name.items()}
+
+
+def relative_regrowth_state(state: dict, prefix: str) -> dict:
+    """A ``Regrower.state_dict()`` with its per-module entries named relative to ``prefix`` (see ``relative_names``)."""
+    return {**state, "scorers": relative_names(state["scorers"], prefix), "ema": relative_names(state["ema"], prefix)}
 
 
 def relative_selection(selection: Selection, prefix: str) -> Selection:

@@ -6,7 +6,8 @@ makes SMT train nothing without any error: every Δ stays exactly 0. Three check
 - at selection: every gradient-based block score is exactly 0 → no gradient reached any targeted module;
 - ``after`` tuning optimizer steps with lr > 0 (and at the end of a shorter run): every slot still exactly 0
   (slots start at Δ = 0 after selection; only a step whose gradient is nonzero moves one, and regrowth zeroes
-  only the swapped ones) → one flag, reduced over ranks once, stops the run;
+  only the swapped ones) → one flag, taken right after that step (``look``) and reduced over ranks with the next
+  reduction the caller makes anyway (``check``), stops the run;
 - when a delta or merged model is about to be written: Δ = 0 everywhere → refused. A run at lr 0 trains
   nothing either, so its delta is refused too (the step check does not count steps at lr 0).
 
@@ -44,6 +45,19 @@ def check_gradients_reached(scorers: dict, steps: int) -> list[str]:
             f"module ({_names(silent)}); check {WHAT_TO_CHECK}"
         )
     return silent
+
+
+def check_warmup_fits(warmup_steps: int, total_steps: float) -> None:
+    """Refuse a warm-up that would use up the whole run of ``total_steps`` optimizer steps (nothing would be tuned).
+
+    Raises:
+        ValueError: ``warmup_steps`` ≥ ``total_steps`` (an unbounded run, ``inf``, always fits).
+    """
+    if total_steps != float("inf") and warmup_steps >= total_steps:
+        raise ValueError(
+            f"smt.warmup_steps={warmup_steps} is not shorter than the run ({int(total_steps)} optimizer steps); "
+            "lower smt.warmup_steps or train longer (trainer.max_steps / max_epochs)"
+        )
 
 
 def local_slots_moved(slots: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -85,6 +99,11 @@ class ProgressCheck:
         if after < 0:
             raise ValueError(f"smt.check_progress_after={after} must be ≥ 0 (0 = never check)")
         self.after, self.steps, self.checked, self.due = after, 0, False, False
+        self.pending: torch.Tensor | None = None  # this rank's flag, taken and not yet decided
+
+    def look(self, slots: Iterable[torch.Tensor]) -> None:
+        """Take this rank's "a slot moved" flag now (``local_slots_moved``: no host sync); ``check`` decides it."""
+        self.pending = local_slots_moved(slots)
 
     def count_step(self, lr_positive: bool) -> None:
         """Count one tuning optimizer step; it makes the check due at the ``after``-th one with lr > 0."""
@@ -103,7 +122,7 @@ class ProgressCheck:
         Raises:
             NothingTrainedError: every slot is still exactly 0.
         """
-        self.checked, self.due = True, False
+        self.checked, self.due, self.pending = True, False, None
         if not moved:
             raise NothingTrainedError(
                 f"Δ is still exactly 0 in every slot after {self.steps} tuning steps with lr > 0: nothing is "

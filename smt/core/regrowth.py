@@ -205,3 +205,15 @@ class Regrower:
             self.open_window(model)
             for name, scorer_state in state["scorers"].items():
                 self.scorers[name].load_state_dict(scorer_state)
+
+
+def describe_event(report: dict) -> str:
+    """One line on a regrowth event's report: blocks swapped, the rate, and the scores of what went and came."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return (
+        f"swapped {report['swapped']} blocks (rate {report['rate']:.3f}); mean |Δ| dropped "
+        f"{mean(report['dropped_score']):.3g}, mean growth score of grown {mean(report['grown_score']):.3g}"
+    )

@@ -14,9 +14,12 @@ Lifecycle (hook order verified against lightning 2.6 ``Trainer._run``: ``setup``
   compared across ranks, the slots pointed at the blocks, their optimizer state cleared, tuning on.
 - state: the map and phase are module buffers/extra state (restored with the weights); the warm-up's
   step count and partial scores are this callback's ``state_dict``, so resume never repeats a warm-up.
-- no silent no-op (``smt.progress``): a warm-up whose gradient scores are all exactly 0 stops at selection;
-  Δ still exactly 0 in every slot after ``check_progress_after`` tuning steps with lr > 0 stops the run
-  (one flag reduced over ranks, at that one step; the count is in the ``state_dict``, so it survives resume).
+- one host sync per step: "were the taps finite?" and "did a slot move?" join the guard's and the pre-emption's
+  flags in one vector, reduced over ranks once per optimizer step (``smt.lightning.step_flags``).
+- no silent no-op (``smt.core.progress``): all-zero warm-up scores stop at selection; Δ still 0 in every slot after
+  ``check_progress_after`` tuning steps with lr > 0 stops the run. The slots are looked at after that step (before
+  regrowth); the decision joins the next step's flags, or is made before that step's checkpoint is written, or at
+  the end. The count is in the ``state_dict``, so it survives resume.
 
 The LR schedule should start after the warm-up: ``SMTLanguageModel`` does this itself; in your own
 module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warmup_offset``).
@@ -32,48 +35,49 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from smt.adapters.delta import read_selection
 from smt.core.config import PoolConfig, RegrowthConfig, SMTConfig
 from smt.core.model import (
-    BANK_NAME,
     apply_selection,
     current_selection,
     get_bank,
     inject,
     select_blocks,
-    sparse_layers,
     start_scoring,
     stop_scoring,
     trainable_summary,
 )
-from smt.core.patterns import name_matcher, no_match_error
 from smt.core.placement import (
     config_for_holder,
     holding_attribute,
     holding_attribute_of,
     relative_names,
+    relative_regrowth_state,
     relative_selection,
     relocate_root_bank,
+    train_densely,
 )
 from smt.core.progress import (
     ProgressCheck,
     check_gradients_reached,
-    local_slots_moved,
+    check_warmup_fits,
     slots_learning_rate_positive,
 )
-from smt.core.regrowth import Regrower
+from smt.core.regrowth import Regrower, describe_event
 from smt.core.scoring import CRITERIA, check_accumulator_memory
 from smt.core.selection import Selection
 from smt.lightning.distributed import (
+    builds_layers_in_configure_model,
     check_same_selection,
     check_sharded_bank,
     check_strategy,
+    run_after_configure_model,
     shards_in_configure_model,
-    summed_regrowth_state,
-    summed_scorer_states,
-    zeroed_regrowth_state,
-    zeroed_scorer_states,
+    state_for_rank,
+    sum_over_ranks,
 )
 from smt.lightning.guards import drop_gradients, scaler_enabled
+from smt.lightning.step_flags import step_flags
 
 GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
 
@@ -189,7 +193,7 @@ class SparseMatrixTuning(Callback):
     def _holding_attribute(self, pl_module: LightningModule) -> str:
         """Where the bank goes by default: the attribute holding the targets (or a saved selection's modules)."""
         if self.selection_path:  # the selection names the modules; target_modules are not used then
-            return holding_attribute_of(pl_module, list(_load_selection(self.selection_path).grids))
+            return holding_attribute_of(pl_module, list(read_selection(self.selection_path).grids))
         path = holding_attribute(pl_module, self.config.target_modules)
         self._network_config = config_for_holder(self.config, pl_module, path)
         return path
@@ -207,10 +211,13 @@ class SparseMatrixTuning(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank  # before a checkpoint's state loads: only rank 0 keeps its summed scores
+        flags = step_flags(trainer)
+        flags.add(self._flag("taps"), lambda: self._taps_not_finite(pl_module))
+        flags.add(self._flag("moved"), lambda: 0.0 if self.progress.pending is None else self.progress.pending)
         check_strategy(trainer.strategy, self.selection_path, self.regrowth_config)
         # Under FSDP2 the user's configure_model shards the network: the layers and the bank must exist before.
-        if _has_configure_model(pl_module) and not shards_in_configure_model(trainer.strategy):
-            _run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
+        if builds_layers_in_configure_model(pl_module) and not shards_in_configure_model(trainer.strategy):
+            run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
         else:
             self._inject(trainer, pl_module, stage)
 
@@ -218,10 +225,12 @@ class SparseMatrixTuning(Callback):
         network = self.target(pl_module)
         if get_bank(network) is None:
             self._add_bank(pl_module, network)
-        self._unfreeze_trainable(pl_module)
+        if self.trainable_modules:
+            train_densely(pl_module, self.trainable_modules, network)
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
-            self._check_warmup_fits(trainer)
+            if not (self.steps_scored or self._pending_state is not None):  # resuming: checked when the run began
+                check_warmup_fits(self.config.warmup_steps, trainer.estimated_stepping_batches)
             self._scorers = start_scoring(network, self._network_config)
             home = self.config.accumulator_device or trainer.strategy.root_device
             check_accumulator_memory(list(self._scorers.values()), home)  # refuse before any step runs
@@ -235,7 +244,7 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            self.selection = relative_selection(_load_selection(self.selection_path), self._moved_from_root)
+            self.selection = relative_selection(read_selection(self.selection_path), self._moved_from_root)
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)
@@ -246,34 +255,6 @@ class SparseMatrixTuning(Callback):
             # checkpoints of runs that kept the bank on the LightningModule itself load into the new place
             hook = partial(_relocate_root_bank_hook, prefix=self._moved_from_root)
             pl_module._register_load_state_dict_pre_hook(hook)
-
-    def _check_warmup_fits(self, trainer: Trainer) -> None:
-        """Refuse a warm-up that would use up the whole run (it would end with nothing tuned)."""
-        if self.steps_scored or self._pending_state is not None:
-            return  # resuming: the run's length was checked when it started
-        total = trainer.estimated_stepping_batches
-        if total != float("inf") and self.config.warmup_steps >= total:
-            raise ValueError(
-                f"smt.warmup_steps={self.config.warmup_steps} is not shorter than the run ({int(total)} optimizer "
-                "steps); lower smt.warmup_steps or train longer (trainer.max_steps / max_epochs)"
-            )
-
-    def _unfreeze_trainable(self, pl_module: LightningModule) -> None:
-        """Train the parameters named by ``trainable_modules`` (or owned by a module it names) densely."""
-        if not self.trainable_modules:
-            return
-        matches = name_matcher(self.trainable_modules, "smt.trainable_modules")
-        targeted = {id(layer.weight) for layer in sparse_layers(self.target(pl_module)).values()}
-        hits = 0
-        for name, param in pl_module.named_parameters():
-            owner = name.rpartition(".")[0]
-            if (matches(name) or matches(owner)) and id(param) not in targeted and BANK_NAME not in name:
-                param.requires_grad_(True)
-                hits += 1
-        if hits == 0:
-            owners = [n for n, m in pl_module.named_modules() if n and BANK_NAME not in n and _owns_parameters(m)]
-            what = f"module or parameter of {type(pl_module).__name__} outside the targeted weights"
-            raise no_match_error("smt.trainable_modules", self.trainable_modules, owners, what)
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -290,9 +271,7 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                state = self._pending_regrowth
-                state = {**state, "scorers": relative_names(state["scorers"], self._moved_from_root),
-                         "ema": relative_names(state["ema"], self._moved_from_root)}  # fmt: skip
+                state = relative_regrowth_state(self._pending_regrowth, self._moved_from_root)
                 self.regrower.load_state_dict(state, self.target(pl_module))
                 self._pending_regrowth = None
 
@@ -320,16 +299,18 @@ class SparseMatrixTuning(Callback):
         if self._batch_key == self._last_counted:
             return  # a second optimizer on the same batch: this step is already counted
         self._last_counted = self._batch_key
+        if self.progress.pending is not None:  # the check due at the last step, decided with this step's flags
+            self.progress.check(self._totals(trainer)[self._flag("moved")] > 0)
         if self.phase == "tuning":
             if self.regrower is not None and self.regrower.scorers:
-                self.regrower.commit_step(_finite_everywhere(trainer, self.regrower.scorers.values(), pl_module))
+                self.regrower.commit_step(self._taps_finite(trainer))
             slots = get_bank(self.target(pl_module)).slots
             self.progress.count_step(slots_learning_rate_positive(trainer.optimizers, slots))
         if self.phase != "warmup":
             return
         # Lightning unscaled (and recorded GradScaler's inf check) before this hook, so None is safe under fp16.
         drop_gradients(optimizer)
-        accept = _finite_everywhere(trainer, self._scorers.values(), pl_module)
+        accept = self._taps_finite(trainer)
         for scorer in self._scorers.values():
             scorer.commit(accept)
         self.steps_scored += int(accept)
@@ -340,20 +321,40 @@ class SparseMatrixTuning(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         left = max(0, self.config.warmup_steps - self.steps_scored) if self.phase == "warmup" else 0
         pl_module.log("smt/warmup_left", float(left), prog_bar=True)
-        if self.progress.due:  # before regrowth, which zeroes the slots it swaps
-            self._check_progress(trainer, pl_module)
+        if self.progress.due and self.progress.pending is None:  # before regrowth, which zeroes the slots it swaps
+            self.progress.look(get_bank(self.target(pl_module)).slots)
         if self.phase == "tuning" and self.regrower is not None:
             self._maybe_regrow(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.progress.due_at_end:  # a run shorter than check_progress_after tuning steps
-            self._check_progress(trainer, pl_module)
+        if self.progress.pending is None and self.progress.due_at_end:  # a run shorter than check_progress_after
+            self.progress.look(get_bank(self.target(pl_module)).slots)
+        self._decide_progress_now(trainer, pl_module)
 
-    def _check_progress(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Did any slot move? One flag summed over ranks: every rank stops together, before this step's checkpoint."""
-        moved = local_slots_moved(get_bank(self.target(pl_module)).slots)
-        self.progress.check(float(_reduce_sum(trainer, moved, pl_module)) > 0)
+    def _decide_progress_now(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Decide a pending progress check with its own reduction (at a checkpoint or the end: not a per-step cost)."""
+        if self.progress.pending is not None:
+            self.progress.check(float(_reduce_sum(trainer, self.progress.pending, pl_module)) > 0)
+
+    # --- the step's flags ----------------------------------------------------------------------------
+
+    def _flag(self, what: str) -> str:
+        return f"smt {what} {id(self)}"
+
+    def _totals(self, trainer: Trainer) -> dict[str, float]:
+        return step_flags(trainer).totals(trainer, self._batch_key)
+
+    def _taps_finite(self, trainer: Trainer) -> bool:
+        """One decision per optimizer step, the same for every module and every rank: were all taps finite?"""
+        return self._totals(trainer)[self._flag("taps")] == 0
+
+    def _taps_not_finite(self, pl_module: LightningModule) -> torch.Tensor | float:
+        """This rank's flag: 1.0 if a warm-up or regrowth-window tap of this step is not finite (no host sync)."""
+        scorers = self._scorers if self.phase == "warmup" else self.regrower.scorers if self.regrower else {}
+        pending = [scorer.pending for scorer in scorers.values() if scorer.pending is not None]
+        finite = [torch.isfinite(tap).all().to(pl_module.device) for tap in pending]
+        return (~torch.stack(finite).all()).float() if finite else 0.0
 
     def _maybe_regrow(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After an optimizer step that ends a regrowth interval: prune and regrow (shapes unchanged)."""
@@ -365,12 +366,8 @@ class SparseMatrixTuning(Callback):
             return
         network = self.target(pl_module)
         report = self.regrower.event(network, trainer.optimizers, lambda t: _reduce_sum(trainer, t, pl_module))
-        dropped, grown = report["dropped_score"], report["grown_score"]
         pl_module.log("smt/regrowth_swapped", float(report["swapped"]))
-        rank_zero_info(
-            f"smt: regrowth at tuning step {step}: swapped {report['swapped']} blocks (rate {report['rate']:.3f}); "
-            f"mean |Δ| dropped {_mean(dropped):.3g}, mean growth score of grown {_mean(grown):.3g}"
-        )
+        rank_zero_info(f"smt: regrowth at tuning step {step}: {describe_event(report)}")
         if self.regrowth_heatmaps and trainer.is_global_zero:
             current_selection(network).heatmap(Path(self.regrowth_heatmaps) / f"selection_step{step:06d}.png")
 
@@ -413,23 +410,16 @@ class SparseMatrixTuning(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._decide_progress_now(trainer, pl_module)  # no checkpoint of a run that trains nothing is written
         # Each rank holds the scores of its own batches, but only rank 0's state is written: store their sum
         # (every rank runs this hook, so the collectives line up).
-        if trainer.world_size == 1:
-            return
-        state = checkpoint["callbacks"][self.state_key]
-        reduce = lambda t: _reduce_sum(trainer, t, pl_module)  # noqa: E731
-        state["scorers"] = summed_scorer_states(self._scorers, reduce)
-        if self.regrower is not None:
-            state["regrowth"] = summed_regrowth_state(self.regrower, reduce)
-        state["summed_over_ranks"] = True
+        if trainer.world_size > 1:
+            reduce = lambda t: _reduce_sum(trainer, t, pl_module)  # noqa: E731
+            sum_over_ranks(checkpoint["callbacks"][self.state_key], self._scorers, self.regrower, reduce)
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("summed_over_ranks") and self._rank != 0:  # rank 0 resumes with the sum of all ranks
-            state_dict = {**state_dict, "scorers": zeroed_scorer_states(state_dict["scorers"])}
-            if state_dict.get("regrowth") is not None:
-                state_dict["regrowth"] = zeroed_regrowth_state(state_dict["regrowth"])
+        state_dict = state_for_rank(state_dict, self._rank)  # rank 0 resumes with the sum of all ranks, others 0
         self.steps_scored = int(state_dict["steps_scored"])
         self.tuning_start = int(state_dict.get("tuning_start", 0))
         self._pending_regrowth = state_dict.get("regrowth")
@@ -452,58 +442,8 @@ def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
     relocate_root_bank(state_dict, prefix)
 
 
-def _owns_parameters(module: torch.nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
-
-
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
     return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum")
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _load_selection(path: str) -> Selection:
-    if str(path).endswith(".safetensors"):
-        try:
-            return Selection.load(path)
-        except ValueError as err:
-            if "not an smt selection file" not in str(err):
-                raise
-        from smt.adapters.delta import read_delta
-
-        return read_delta(path)[0]
-    return Selection.load(path)
-
-
-def _has_configure_model(pl_module: LightningModule) -> bool:
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    # A module that builds its network in __init__ (SMTLanguageModel) only shards in configure_model: inject now.
-    if getattr(pl_module, "smt_builds_network_in_init", False):
-        return False
-    return is_overridden("configure_model", pl_module)
-
-
-def _run_after_configure_model(pl_module: LightningModule, then) -> None:
-    """Patch ``configure_model`` on the instance so injection follows the user's layer building."""
-    original = pl_module.configure_model
-
-    def configure_model() -> None:  # no functools.wraps: Lightning's is_overridden must see an override
-        original()
-        then()
-        pl_module.configure_model = original
-
-    pl_module.configure_model = configure_model
-
-
-def _finite_everywhere(trainer: Trainer, scorers, pl_module: LightningModule) -> bool:
-    """One decision per optimizer step, the same for every module and every rank: were all taps finite?"""
-    device = pl_module.device
-    finite = [torch.isfinite(s.pending).all().to(device) for s in scorers if s.pending is not None]
-    bad = (~torch.stack(finite).all()).float() if finite else torch.zeros((), device=device)
-    return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0  # the step's one host sync
 
 
 def _loss_scale(trainer: Trainer) -> float:

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from smt.core.io import atomic_write
+from smt.lightning.step_flags import step_flags
 
 CRC_CHUNK = 1 << 22  # bytes read at a time while checking CRCs: memory stays bounded for any checkpoint size
 
@@ -142,9 +143,11 @@ class PreemptionCheckpoint(Callback):
     everything since its last periodic checkpoint. Under DDP its handler also runs a broadcast from inside the
     signal handler, a collective that can pair with any other, and each rank stops on its own. So from the
     sanity check on this callback's own handler only notes the signal, and all ranks decide together after
-    each training batch and each validation batch of ``fit`` (one summed flag; on one device no tensor, no
-    host sync). A checkpoint taken mid-validation holds the state after the last optimizer step, as one taken
-    after that training batch would: resuming repeats no step (validation changes no weight).
+    each optimizer step (the flag joins the step's one reduced vector, ``smt.lightning.step_flags``; a
+    micro-batch of gradient accumulation is never saved half-accumulated) and after each validation batch of
+    ``fit`` (one summed flag). On one device the signal is acted on after every batch, with no tensor and no host
+    sync. A checkpoint taken mid-validation holds the state after the last optimizer step, as one taken after that
+    training batch would: resuming repeats no step (validation changes no weight).
 
     Example:
         >>> trainer = Trainer(callbacks=[PreemptionCheckpoint()])  # on by default in `smt fit`
@@ -153,6 +156,16 @@ class PreemptionCheckpoint(Callback):
     def __init__(self) -> None:
         self.saved_path: Path | None = None
         self._received = False
+        self._batch_key: tuple[int, int] | None = None
+        self._stop_after_step = False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        step_flags(trainer).add(self._flag, lambda: float(self._signalled(trainer)))
+
+    @property
+    def _flag(self) -> str:
+        return f"preemption {id(self)}"
 
     @override
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -170,9 +183,22 @@ class PreemptionCheckpoint(Callback):
     def _note(self, signum: int, frame: Any) -> None:
         self._received = True
 
+    def _signalled(self, trainer: Trainer) -> bool:
+        return self._received or bool(getattr(trainer, "received_sigterm", False))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        self._batch_key, self._stop_after_step = (trainer.current_epoch, batch_idx), False
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if trainer.world_size > 1:  # all ranks stop together, on the step's one reduced vector
+            self._stop_after_step = step_flags(trainer).totals(trainer, self._batch_key)[self._flag] > 0
+
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        self._stop_if_signalled(trainer, pl_module)
+        if self._stop_after_step if trainer.world_size > 1 else self._signalled(trainer):
+            self._save_and_stop(trainer)
 
     @override
     def on_validation_batch_end(
@@ -182,12 +208,14 @@ class PreemptionCheckpoint(Callback):
             self._stop_if_signalled(trainer, pl_module)
 
     def _stop_if_signalled(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        received = self._received or bool(getattr(trainer, "received_sigterm", False))
+        received = self._signalled(trainer)
         if trainer.world_size > 1:  # all ranks stop together
             flag = torch.tensor(float(received), device=pl_module.device)
             received = float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0.0
-        if not received:
-            return
+        if received:
+            self._save_and_stop(trainer)
+
+    def _save_and_stop(self, trainer: Trainer) -> None:
         self.saved_path = checkpoint_folder(trainer) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
         trainer.save_checkpoint(self.saved_path)
         rank_zero_info(f"smt: SIGTERM: saved {self.saved_path} at step {trainer.global_step}; resume with --ckpt_path")

@@ -57,6 +57,24 @@ def zeroed_regrowth_state(state: dict) -> dict:
     }
 
 
+def sum_over_ranks(state: dict, scorers: dict[str, BlockScorer], regrower: Regrower | None, reduce: Reduce) -> None:
+    """Put the rank-summed scores into the callback's checkpoint ``state`` (every rank calls; rank 0's is written)."""
+    state["scorers"] = summed_scorer_states(scorers, reduce)
+    if regrower is not None:
+        state["regrowth"] = summed_regrowth_state(regrower, reduce)
+    state["summed_over_ranks"] = True
+
+
+def state_for_rank(state: dict, rank: int) -> dict:
+    """What ``rank`` resumes from: rank 0 the summed scores of a ``sum_over_ranks`` state, every other rank 0."""
+    if not state.get("summed_over_ranks") or rank == 0:
+        return state
+    state = {**state, "scorers": zeroed_scorer_states(state["scorers"])}
+    if state.get("regrowth") is not None:
+        state["regrowth"] = zeroed_regrowth_state(state["regrowth"])
+    return state
+
+
 # --- one selection on every rank -----------------------------------------------------------------------
 
 
@@ -91,6 +109,31 @@ def shards_in_configure_model(strategy) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(strategy, ModelParallelStrategy)
+
+
+def builds_layers_in_configure_model(pl_module) -> bool:
+    """Whether the LightningModule builds its layers in ``configure_model`` (smt then injects right after it).
+
+    A module that builds its network in ``__init__`` (``SMTLanguageModel``: ``smt_builds_network_in_init``) only
+    shards in ``configure_model``: smt injects in ``setup`` then.
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if getattr(pl_module, "smt_builds_network_in_init", False):
+        return False
+    return is_overridden("configure_model", pl_module)
+
+
+def run_after_configure_model(pl_module, then: Callable[[], None]) -> None:
+    """Patch ``configure_model`` on the instance so ``then`` (injection) follows the user's layer building."""
+    original = pl_module.configure_model
+
+    def configure_model() -> None:  # no functools.wraps: Lightning's is_overridden must see an override
+        original()
+        then()
+        pl_module.configure_model = original
+
+    pl_module.configure_model = configure_model
 
 
 def shard_network(network, mesh, unit_types: tuple[type, ...] = ()) -> None:

@@ -1,7 +1,8 @@
 """``NonFiniteGuard``: a step whose loss or gradients are not finite updates nothing, and a diverged run stops.
 
-Once per optimizer step, the same decision on every rank (one all-reduce): were every loss of the step's
-micro-batches and every trainable gradient finite? If not, all gradients are dropped before the optimizer
+Once per optimizer step, the same decision on every rank (reduced with smt's other per-step flags, one all-reduce
+and one host read per step: ``smt.lightning.step_flags``): were every loss of the step's micro-batches and every
+trainable gradient finite? If not, all gradients are dropped before the optimizer
 runs (``None``: no update, no weight decay, no optimizer state), the skip is counted and logged
 (``smt/skipped_steps``), and after ``max_consecutive`` skipped steps in a row the run stops with
 ``TrainingDivergedError``, leaving every checkpoint written so far as it was (skipped steps change no weight).
@@ -22,6 +23,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
+
+from smt.lightning.step_flags import step_flags
 
 
 class TrainingDivergedError(RuntimeError):
@@ -49,6 +52,10 @@ class NonFiniteGuard(Callback):
         self._last_decided: tuple[int, int] | None = None
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        step_flags(trainer).add(f"guard {id(self)}", lambda: self._bad_step(trainer, pl_module))
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         self._batch_key = (trainer.current_epoch, batch_idx)
 
@@ -62,7 +69,7 @@ class NonFiniteGuard(Callback):
         if self._batch_key == self._last_decided:
             return  # a second optimizer on the same batch: the step is already decided (and dropped if bad)
         self._last_decided = self._batch_key
-        if self._step_is_finite(trainer, pl_module, optimizer):
+        if step_flags(trainer).totals(trainer, self._batch_key)[f"guard {id(self)}"] == 0:
             self.consecutive = 0
             return
         drop_gradients(optimizer)
@@ -85,21 +92,21 @@ class NonFiniteGuard(Callback):
         if self._last_decided == self._batch_key:
             self._loss_finite = None  # the step is done; with gradient accumulation losses keep adding up
 
-    def _step_is_finite(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> bool:
-        """One all-rank decision (one host sync) on the step's losses and, without a loss scaler, gradients."""
+    def _bad_step(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+        """1.0 if this rank's losses of the step or (without a loss scaler) its gradients are not all finite."""
         device = pl_module.device
         finite = torch.ones((), dtype=torch.bool, device=device)
         if self._loss_finite is not None:
             finite = finite & self._loss_finite.to(device)
         if not scaler_enabled(trainer):
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
+            grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                # FSDP2 gradients are DTensors: each rank checks its own shard; the sum below covers them all.
+                # FSDP2 gradients are DTensors: each rank checks its own shard; the sum over ranks covers them all.
                 local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
                 # One fused call for all slots: the max-norm is NaN/inf exactly when a gradient holds one (no overflow).
                 finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all().to(device)
-        bad = (~finite).float()
-        return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0
+        return (~finite).float()
 
     @override
     def state_dict(self) -> dict:

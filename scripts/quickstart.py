@@ -90,7 +90,7 @@ METRICS = {
 
 def print_report(before: dict, after: dict, cli, seconds: dict[str, float], data: str) -> None:
     """The before/after table, the trainable share, where the outputs went and how long each phase took."""
-    from smt.core.model import trainable_summary
+    from smt.core.summary import trainable_summary
     from smt.lightning.callback import SparseMatrixTuning
 
     questions = cli.datamodule.limit_test or "all"

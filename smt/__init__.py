@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_delta": "smt.adapters.delta",
     "read_delta": "smt.adapters.delta",
     "merge_delta": "smt.core.model",
-    "trainable_summary": "smt.core.model",
+    "trainable_summary": "smt.core.summary",
     "SparseMatrixTuning": "smt.lightning.callback",
     "DeltaSet": "smt.adapters.deltaset",
     "export_lora": "smt.adapters.lora",
@@ -56,8 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt.adapters.lora import export_lora
     from smt.adapters.shira import export_shira
     from smt.core.config import SMTConfig
-    from smt.core.model import apply_selection, inject, merge_delta, trainable_summary
+    from smt.core.model import apply_selection, inject, merge_delta
     from smt.core.selection import Selection, select_top_k
+    from smt.core.summary import trainable_summary
     from smt.kernels.blocks import BlockGrid
     from smt.lightning.callback import SparseMatrixTuning
     from smt.lightning.checkpoint_io import AtomicCheckpointIO

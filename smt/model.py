@@ -6,7 +6,6 @@ Existing imports, YAML class paths and checkpoints keep loading; new code uses t
 from smt.core.model import (
     BANK_NAME,
     DTYPES,
-    TrainableSummary,
     apply_selection,
     bank_holder,
     check_selection_fits,
@@ -27,8 +26,8 @@ from smt.core.model import (
     sparse_layers,
     start_scoring,
     stop_scoring,
-    trainable_summary,
 )
+from smt.core.summary import TrainableSummary, trainable_summary
 
 __all__ = [
     "BANK_NAME",

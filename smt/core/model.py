@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -407,47 +405,6 @@ def merge_delta(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer.merge()
     return remove_smt(model)
-
-
-@dataclass(frozen=True)
-class TrainableSummary:
-    """Trainable parameters of a model: totals and a breakdown by the owning module's type."""
-
-    trainable: int
-    total: int
-    tuned_weights: int
-    by_type: dict[str, int]
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(1, self.total)
-
-    def __str__(self) -> str:
-        parts = ", ".join(f"{kind}: {count:,}" for kind, count in sorted(self.by_type.items()))
-        return (
-            f"trainable {self.trainable:,} of {self.total:,} parameters ({self.percent:.4f} %); "
-            f"tuned weights in blocks {self.tuned_weights:,}; by type: {parts}"
-        )
-
-
-def trainable_summary(model: nn.Module) -> TrainableSummary:
-    """Count trainable parameters, total parameters and the real number of weights under selected blocks."""
-    by_type: Counter = Counter()
-    owners = {id(p): type(m).__name__ for m in model.modules() for p in m.parameters(recurse=False)}
-    trainable = total = 0
-    for param in {id(p): p for p in model.parameters()}.values():
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-            by_type["smt slots" if owners.get(id(param)) == "ParameterList" else owners.get(id(param), "?")] += (
-                param.numel()
-            )
-    bank = get_bank(model)
-    tuned = 0
-    if bank is not None and bank.tuning:
-        tuned = sum(layer.grid.numel_of(bank.index_of(i)) for i, layer in enumerate(sparse_layers(model).values()))
-    bank_params = 0 if bank is None else sum(p.numel() for p in bank.parameters())
-    return TrainableSummary(trainable, total - bank_params, tuned, dict(by_type))
 
 
 class merged:

@@ -45,7 +45,6 @@ from smt.core.model import (
     select_blocks,
     start_scoring,
     stop_scoring,
-    trainable_summary,
 )
 from smt.core.placement import (
     config_for_holder,
@@ -66,6 +65,7 @@ from smt.core.progress import (
 from smt.core.regrowth import Regrower, describe_event
 from smt.core.scoring import CRITERIA, check_accumulator_memory
 from smt.core.selection import Selection
+from smt.core.summary import trainable_summary
 from smt.lightning.distributed import (
     builds_layers_in_configure_model,
     check_same_selection,

@@ -117,7 +117,7 @@ def _snr_tap(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, ops, scale: flo
 def _xnorm_tap(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, ops, scale: float) -> torch.Tensor:
     """``[‖G[b]‖², Σ_t ‖x_t[cols_b]‖²]`` for one micro-batch (the second map repeats over row blocks)."""
     energy = ops.block_scores(dy, x, grid, "sq")
-    if scale != 1.0:
+    if not _unit(scale):
         energy = energy / (scale * scale)
     columns = reference._segment_sums(x.float().square(), grid.block_cols, grid.n_col_blocks).sum(0)
     return torch.stack([energy, columns.expand(grid.n_row_blocks, -1)])
@@ -137,6 +137,11 @@ def _random_scores(acc: torch.Tensor | None, grid: BlockGrid, weight: torch.Tens
 
 
 register_criterion(Criterion("random", None, _random_scores))
+
+
+def _unit(scale: float | torch.Tensor) -> bool:
+    """Whether ``scale`` is the 1.0 of a run without loss scaling (a scaler's tensor is never compared: no sync)."""
+    return not isinstance(scale, torch.Tensor) and scale == 1.0
 
 
 class BlockScorer:
@@ -191,11 +196,11 @@ class BlockScorer:
         if reduction == "tap":
             contribution = self.criterion.tap(dy, x, self.grid, ops, scale)
         elif reduction == "full":
-            g = dy.float() / scale if scale != 1.0 else dy.float()
+            g = dy.float() if _unit(scale) else dy.float() / scale
             contribution = (g.T @ x.float()).to(self.accumulator_device or dy.device)
         else:
             contribution = ops.block_scores(dy, x, self.grid, reduction)
-            if scale != 1.0:
+            if not _unit(scale):
                 contribution = contribution / (scale * scale if reduction == "sq" else scale)
         self.pending = contribution if self.pending is None else self.pending.add_(contribution)
         self.micro_batches += 1

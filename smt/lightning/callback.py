@@ -76,7 +76,7 @@ from smt.lightning.distributed import (
     state_for_rank,
     sum_over_ranks,
 )
-from smt.lightning.guards import drop_gradients, scaler_enabled
+from smt.lightning.guards import drop_gradients, loss_scale
 from smt.lightning.step_flags import step_flags
 
 GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
@@ -282,7 +282,7 @@ class SparseMatrixTuning(Callback):
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self.phase == "warmup":
-            scale = _loss_scale(trainer)
+            scale = loss_scale(trainer)
             for scorer in self._scorers.values():
                 scorer.loss_scale = scale
 
@@ -444,7 +444,3 @@ def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
 
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
     return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum")
-
-
-def _loss_scale(trainer: Trainer) -> float:
-    return float(trainer.precision_plugin.scaler.get_scale()) if scaler_enabled(trainer) else 1.0

@@ -124,6 +124,15 @@ def scaler_enabled(trainer: Trainer) -> bool:
     return scaler is not None and scaler.is_enabled()
 
 
+def loss_scale(trainer: Trainer) -> torch.Tensor | float:
+    """The fp16 GradScaler's scale as its device tensor (``get_scale()`` would read it on the host: a sync)."""
+    if not scaler_enabled(trainer):
+        return 1.0
+    scaler = trainer.precision_plugin.scaler
+    scale = scaler._get_scale_async()  # set by scaler.scale(loss), which Lightning calls before this hook
+    return scaler.get_scale() if scale is None else scale
+
+
 def drop_gradients(optimizer) -> None:
     """Remove every gradient before the optimizer step: no update, no weight decay, no optimizer state."""
     for group in optimizer.param_groups:

@@ -5,7 +5,7 @@
 
 Then train with ``--model.model artifacts/models/SmolLM2-135M-Instruct``. Re-running is a no-op when the
 folder is complete. fp32 is the default: exact dequantized values and 30–50× faster than bf16 on CPUs
-without a bf16 GEMM (see ``smt.pretrained``).
+without a bf16 GEMM (see ``smt.lightning.pretrained``).
 """
 
 from __future__ import annotations

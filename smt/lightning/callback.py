@@ -22,7 +22,7 @@ Lifecycle (hook order verified against lightning 2.6 ``Trainer._run``: ``setup``
   the end. The count is in the ``state_dict``, so it survives resume.
 
 The LR schedule should start after the warm-up: ``SMTLanguageModel`` does this itself; in your own
-module wrap the step-wise lambda with ``smt.schedules.after_warmup`` (see ``warmup_offset``).
+module wrap the step-wise lambda with ``smt.lightning.schedules.after_warmup`` (see ``warmup_offset``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class SparseMatrixTuning(Callback):
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
         criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``,
-            ``random`` (see ``smt.scoring``).
+            ``random`` (see ``smt.core.scoring``).
         accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
         forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
         kernel: ``auto``, ``torch`` or ``triton``.
@@ -115,7 +115,7 @@ class SparseMatrixTuning(Callback):
         submodule: attribute path of the network that gets the bank inside the LightningModule. Default: the module's
             ``smt_target()`` if it defines one, else the attribute that holds every target (``self.model`` →
             ``"model"``, so ``merge_delta(module.model)`` and delta files use the network's own names), else the
-            LightningModule itself (see ``smt.placement``).
+            LightningModule itself (see ``smt.core.placement``).
         stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
         regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
         regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).

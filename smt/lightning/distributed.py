@@ -5,7 +5,7 @@ Every rank taps its own shard of the data. Decisions need the sum over ranks ``S
 0, so the next reduction again gives the uninterrupted run's total. The EMA of regrowth's ``ma`` criterion is
 linear in the scores, so the same holds for it.
 
-This module sits beside ``smt/callbacks.py`` (it knows Lightning's strategies); the core below it does not.
+It sits beside the callback (``smt.lightning.callback``) and knows Lightning's strategies; the core below does not.
 """
 
 from __future__ import annotations

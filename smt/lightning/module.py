@@ -49,7 +49,7 @@ def load_causal_lm(
     double_quant: bool = True,
     local_files_only: bool = False,
 ):
-    """A transformers causal LM from a folder or hub id (see ``smt.hub``), or a randomly initialised one from a config.
+    """A transformers causal LM from a folder or hub id (see ``smt.lightning.hub``), or a random one from a config.
 
     A quantized base (``nf4``/``fp4``/``int8``) loads through ``BitsAndBytesConfig``; a config-dict model has its
     Linear layers (all but ``lm_head``) quantized after construction, as transformers would.

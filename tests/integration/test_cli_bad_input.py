@@ -1,6 +1,6 @@
 """Bad input through the ``smt`` command: one ``smt: error:`` line on stderr, exit code 2, nothing written.
 
-Each case runs ``smt.cli.main`` in-process in an empty folder holding only its inputs; one case also runs
+Each case runs ``smt.lightning.cli.main`` in-process in an empty folder holding only its inputs; one case also runs
 the installed console script in a subprocess, to see the stderr a user sees.
 """
 

@@ -1,6 +1,6 @@
 """The ``smt`` command end to end on ``configs/debug.yaml`` (tiny random Llama, byte tokenizer, CPU).
 
-``smt fit`` runs once per module (in-process through ``smt.cli.main``) and the tests read what it wrote:
+``smt fit`` runs once per module (in-process through ``smt.lightning.cli.main``) and the tests read what it wrote:
 checkpoint, delta file, selection and heatmap, the CSV log. ``smt select``, ``smt fit --smt.selection_path``,
 ``smt export`` and ``--optimizer`` build on it.
 """

@@ -1,4 +1,4 @@
-"""A run that trains nothing never ends green (issue 14): each guard of ``smt.progress``, forced.
+"""A run that trains nothing never ends green (issue 14): each guard of ``smt.core.progress``, forced.
 
 - no gradient reaches the targets in the warm-up → stop at selection;
 - Δ still 0 in every slot after ``check_progress_after`` tuning steps with lr > 0 → stop before that step's

@@ -1,4 +1,4 @@
-"""``smt.progress`` on hand-made cases: the no-op checks without Lightning."""
+"""``smt.core.progress`` on hand-made cases: the no-op checks without Lightning."""
 
 import pytest
 import torch

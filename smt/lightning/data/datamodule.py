@@ -49,7 +49,7 @@ class InstructionDataModule(LightningDataModule):
     """Instruction-tuning data from LLM-Adapters JSON or GSM8K JSONL files, with prompt templates and masking.
 
     Records are read with ``datasets`` (JSON arrays and JSONL alike), rendered by a named prompt template
-    (:mod:`smt.prompts`), tokenized as ``prompt + response + EOS`` and batched with right padding. A
+    (:mod:`smt.lightning.data.prompts`), tokenized as ``prompt + response + EOS`` and batched with right padding. A
     validation set comes from ``val_path`` or is carved from the training file (``val_split``);
     ``test_paths`` feed generation- or likelihood-based evaluation (``smt.eval``) with prompts only.
 
@@ -277,7 +277,7 @@ class InstructionDataModule(LightningDataModule):
 
     def _loader(self, dataset: Any, batch_size: int, generator: Any = None, prompts: bool = False) -> DataLoader:
         pad_id = int(self.tokenizer.pad_token_id)
-        # shuffled = training: resumable mid-epoch (smt.resume_loader); evaluation loaders stay plain
+        # shuffled = training: resumable mid-epoch (resume_loader); evaluation loaders stay plain
         resumable = partial(ResumableLoader, trained_batches=self._trained_batches)
         loader = resumable if generator is not None else DataLoader
         return loader(

@@ -37,7 +37,7 @@ def load_records(
     """Read a JSON array / JSONL file or a hub data set and normalize it to ``instruction/input/response/reference``.
 
     Args:
-        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.hub`).
+        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.lightning.hub`).
         cache_dir: where ``datasets`` keeps its Arrow files; for a hub data set None = its usual cache.
         role: the argument name shown in error messages (``train_path``, ``val_path``, …).
         default_split: the split of a hub data set named without ``@split``.

@@ -51,7 +51,7 @@ def encode_examples(
 
     Args:
         tokenizer: a transformers tokenizer with ``eos_token_id``.
-        template: prompt template name (see :mod:`smt.prompts`).
+        template: prompt template name (see :mod:`smt.lightning.data.prompts`).
         records: columns ``instruction``, ``input``, ``response``.
         max_length: longest sequence; see :func:`fit_to_length`.
         mask_prompt: labels ``-100`` on prompt tokens (loss on the response only).
@@ -190,7 +190,7 @@ def _restarting_positions(positions: Sequence[int], width: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> Any:
-    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.hub`).
+    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.lightning.hub`).
 
     Args:
         name_or_path: a folder or a hub id (downloaded once into the Hugging Face cache).

@@ -56,7 +56,7 @@ def test_a_warmup_that_reaches_no_target_stops_at_selection():
     with pytest.raises(NothingTrainedError) as error:
         fit(DetachedRegressor(), 8, target_modules=["up"], trainable_modules=["down"])  # down keeps the loss alive
     assert one_line(error).startswith("every block score of the 3-step warm-up is exactly 0: no gradient reached")
-    assert "(up)" in str(error.value) and "detached" in str(error.value)  # names relative to the bank's holder, net
+    assert "(up)" in str(error.value) and "detached" in str(error.value)
 
 
 def test_a_warmup_that_reaches_some_targets_warns_and_selects():

@@ -150,7 +150,7 @@ def bench_layer(name: str, shape: tuple[int, int], tokens: int, settings: Settin
     """Random ``x``, ``dy``, ``W`` for one weight and token count, and the timings that do not depend on density."""
     import torch
 
-    from smt.blocks import BlockGrid
+    from smt.kernels.blocks import BlockGrid
 
     dtype, device, repeats = getattr(torch, settings.dtype), settings.device, settings.repeats
     x = torch.randn(tokens, shape[1], dtype=dtype, device=device)
@@ -173,7 +173,7 @@ def bench_row(layer: Layer, density: float, settings: Settings, ops) -> tuple[st
     """One table row and block/dense TFLOP/s: block dW and block layer backward at ``density`` vs ``layer``'s."""
     import torch
 
-    from smt.blocks import BlockGrid, BlockPlan
+    from smt.kernels.blocks import BlockGrid, BlockPlan
 
     x, dy, weight, device, repeats = layer.x, layer.dy, layer.weight, settings.device, settings.repeats
     grid = BlockGrid(*weight.shape, settings.block, settings.block)

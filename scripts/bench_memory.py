@@ -39,12 +39,12 @@ def rss_kib(field: str) -> int:
 
 def load_base(model: str, base: str):
     """The base model: a random tiny Llama (quantized after construction) or SmolLM2-135M from its folder."""
-    from smt.module import load_causal_lm
+    from smt.lightning.module import load_causal_lm
 
     quantization = "none" if base == "fp32" else base
     if model == "tiny":
         return load_causal_lm(None, TINY, "float32", "eager", quantization)
-    from smt.pretrained import prepare_smollm2
+    from smt.lightning.pretrained import prepare_smollm2
 
     folder, _ = prepare_smollm2(ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct")
     return load_causal_lm(str(folder), None, "float32", "eager", quantization)
@@ -57,8 +57,8 @@ def worker(model_name: str, base: str, optimizer_name: str, steps: int, tokens: 
     import transformers  # noqa: F401
 
     from smt import SMTConfig, apply_selection
-    from smt.model import inject, plain_state_dict
-    from smt.quant import build_optimizer, optimizer_state_bytes, tensor_bytes
+    from smt.core.model import inject, plain_state_dict
+    from smt.core.quant import build_optimizer, optimizer_state_bytes, tensor_bytes
 
     torch.manual_seed(0)
     libc = ctypes.CDLL("libc.so.6")
@@ -117,9 +117,9 @@ def warm_up(base: str, optimizer_name: str) -> None:
     import torch
 
     from smt import SMTConfig, apply_selection
-    from smt.model import inject
-    from smt.module import load_causal_lm
-    from smt.quant import build_optimizer
+    from smt.core.model import inject
+    from smt.core.quant import build_optimizer
+    from smt.lightning.module import load_causal_lm
 
     small = {**TINY, "num_hidden_layers": 1, "hidden_size": 128, "intermediate_size": 256, "vocab_size": 256}
     model = load_causal_lm(None, small, "float32", "eager", "none" if base == "fp32" else base)
@@ -137,7 +137,7 @@ def random_selection(model, capacity: int):
     import torch
 
     from smt import Selection
-    from smt.model import sparse_layers
+    from smt.core.model import sparse_layers
 
     grids = {name: layer.grid for name, layer in sparse_layers(model).items()}
     flat = [(name, r, c) for name, g in grids.items() for r in range(g.n_row_blocks) for c in range(g.n_col_blocks)]

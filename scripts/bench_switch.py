@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from smt import Selection, apply_selection, save_delta
-from smt.deltaset import DeltaSet
-from smt.model import find_targets, get_bank, linear_geometry, module_grids
-from smt.pretrained import DEFAULT_SMOLLM2_DIR, is_converted
+from smt.adapters.deltaset import DeltaSet
+from smt.core.model import find_targets, get_bank, linear_geometry, module_grids
+from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR, is_converted
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):

@@ -181,7 +181,7 @@ def state_mb(module: torch.nn.Module) -> float:
 
 def smt_blocks(setup: Setup, model: torch.nn.Module) -> int:
     """SMT's block budget with as many weights as LoRA of ``setup.rank`` on the same modules."""
-    from smt.model import find_targets, linear_geometry
+    from smt.core.model import find_targets, linear_geometry
 
     lora = sum(setup.rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, setup.targets).values())
     return max(1, round(lora / setup.block_size**2))
@@ -189,9 +189,9 @@ def smt_blocks(setup: Setup, model: torch.nn.Module) -> int:
 
 def build(setup: Setup, method: str):
     """The module and callbacks of one method, from the same seed and weights."""
-    from smt.callbacks import SparseMatrixTuning
-    from smt.config import RegrowthConfig
-    from smt.module import SMTLanguageModel
+    from smt.core.config import RegrowthConfig
+    from smt.lightning.callback import SparseMatrixTuning
+    from smt.lightning.module import SMTLanguageModel
 
     seed_everything(setup.seed, verbose=False)
     lr = setup.lr["smt" if method.startswith("smt") else method]
@@ -219,7 +219,7 @@ def build(setup: Setup, method: str):
 
 
 def datamodule(setup: Setup, tokenizer):
-    from smt.data import InstructionDataModule
+    from smt.lightning.data.datamodule import InstructionDataModule
 
     data = InstructionDataModule(train_path=setup.train_path, test_paths=[setup.test_path], val_split=setup.val_split,
                                  batch_size=setup.batch_size, eval_batch_size=16, max_length=setup.max_length,
@@ -268,7 +268,7 @@ def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
 
 def run_base(setup: Setup) -> Result:
     """The untuned model's validation loss and accuracy (the floor every method starts from)."""
-    from smt.module import SMTLanguageModel
+    from smt.lightning.module import SMTLanguageModel
 
     seed_everything(setup.seed, verbose=False)
     module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
@@ -282,9 +282,9 @@ def preload() -> None:
     """Import what the methods use before any measurement: imports would count as the first method's memory."""
     import peft  # noqa: F401
 
-    import smt.callbacks  # noqa: F401
     import smt.eval  # noqa: F401
-    import smt.module  # noqa: F401
+    import smt.lightning.callback  # noqa: F401
+    import smt.lightning.module  # noqa: F401
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT / "scripts"))
     setup, args = parse(argv)
     if setup.model and not Path(setup.model).is_dir():
-        from smt.pretrained import prepare_smollm2
+        from smt.lightning.pretrained import prepare_smollm2
 
         try:
             setup.model = str(prepare_smollm2(SMOLLM2)[0])

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from smt.callbacks import SparseMatrixTuning
-from smt.config import RegrowthConfig
-from smt.data import InstructionDataModule
-from smt.module import SMTLanguageModel
+from smt.core.config import RegrowthConfig
+from smt.lightning.callback import SparseMatrixTuning
+from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.module import SMTLanguageModel
 
 TINY = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=384)  # fmt: skip

@@ -5,7 +5,7 @@
 
 Then train with ``--model.model artifacts/models/SmolLM2-135M-Instruct``. Re-running is a no-op when the
 folder is complete. fp32 is the default: exact dequantized values and 30–50× faster than bf16 on CPUs
-without a bf16 GEMM (see ``smt.pretrained``).
+without a bf16 GEMM (see ``smt.lightning.pretrained``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from smt.pretrained import DEFAULT_SMOLLM2_DIR, prepare_smollm2
+from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR, prepare_smollm2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,8 +208,8 @@ def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_s
     """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
     import torch
 
-    from smt.data import InstructionCollator, encode_examples
-    from smt.loss import labelled_positions_loss
+    from smt.lightning.data.tokens import InstructionCollator, encode_examples
+    from smt.lightning.loss import labelled_positions_loss
 
     columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
                "response": [r["output"] for r in records]}  # fmt: skip
@@ -241,7 +241,7 @@ def text_nll(model, windows: list[list[int]]) -> float:
 def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
     """lm-eval style: the choice with the largest summed log-probability per byte of its text."""
     from smt.eval import score_candidates_batch
-    from smt.prompts import render_prompt
+    from smt.lightning.data.prompts import render_prompt
 
     prompts = [render_prompt("alpaca", r["instruction"], r["input"]) for r in records]
     scores = score_candidates_batch(model, tokenizer, prompts, [r["choices"] for r in records], batch_size=16)
@@ -263,7 +263,7 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 200
     import torch
 
     from smt.eval import get_task, judge
-    from smt.prompts import render_prompt
+    from smt.lightning.data.prompts import render_prompt
 
     spec, correct = get_task("gsm8k"), 0
     tokenizer.padding_side = "left"
@@ -301,7 +301,7 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
 
 def lora_weights(model, targets: list[str], rank: int) -> int:
     """Trainable weights of LoRA of ``rank`` on ``targets``: rank · (in + out) per module, exactly."""
-    from smt.model import find_targets, linear_geometry
+    from smt.core.model import find_targets, linear_geometry
 
     return sum(rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, targets).values())
 
@@ -310,9 +310,9 @@ def build_module(cell: Cell, harness: Harness):
     """The LightningModule and callbacks of one arm, from the same seed and weights."""
     from lightning.pytorch import seed_everything
 
-    from smt.callbacks import SparseMatrixTuning
-    from smt.config import RegrowthConfig
-    from smt.module import SMTLanguageModel
+    from smt.core.config import RegrowthConfig
+    from smt.lightning.callback import SparseMatrixTuning
+    from smt.lightning.module import SMTLanguageModel
 
     seed_everything(cell.seed, verbose=False)
     module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
@@ -344,7 +344,7 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
     """Fit ``cell.steps`` optimizer steps on the training split; the loss curve and wall time."""
     from lightning.pytorch import Callback, Trainer
 
-    from smt.data import InstructionDataModule
+    from smt.lightning.data.datamodule import InstructionDataModule
 
     losses: list[float] = []
     times: list[float] = []
@@ -378,7 +378,7 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
 
 def selection_stats(model) -> dict:
     """Where an SMT selection put its blocks: modules used, and the share of each input column block."""
-    from smt.model import current_selection, sparse_layers
+    from smt.core.model import current_selection, sparse_layers
 
     selection = current_selection(model)
     columns: dict[int, int] = {}
@@ -394,7 +394,7 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
     """Train and evaluate one cell; the result (also written to its JSON file)."""
     import torch
 
-    from smt.model import get_bank, merged
+    from smt.core.model import get_bank, merged
 
     splits = TASKS[cell.task](harness.data_root, harness)
     module, callbacks = build_module(cell, harness)
@@ -415,7 +415,7 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
 
 def run_base(task: str, harness: Harness) -> dict:
     """The untuned model's metrics on ``task`` (the floor every arm starts from)."""
-    from smt.module import SMTLanguageModel
+    from smt.lightning.module import SMTLanguageModel
 
     cell = Cell(task=task, arm="base", lr=0.0, em=exact_match_questions(task))
     splits = TASKS[task](harness.data_root, harness)

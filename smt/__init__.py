@@ -11,23 +11,23 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SMTConfig": "smt.config",
-    "BlockGrid": "smt.blocks",
-    "Selection": "smt.selection",
-    "select_top_k": "smt.selection",
-    "apply_selection": "smt.model",
-    "inject": "smt.model",
-    "save_delta": "smt.delta",
-    "load_delta": "smt.delta",
-    "read_delta": "smt.delta",
-    "merge_delta": "smt.model",
-    "trainable_summary": "smt.model",
-    "SparseMatrixTuning": "smt.callbacks",
-    "DeltaSet": "smt.deltaset",
-    "export_lora": "smt.lora_export",
-    "export_shira": "smt.shira_export",
-    "NonFiniteGuard": "smt.guards",
-    "AtomicCheckpointIO": "smt.checkpoint_io",
+    "SMTConfig": "smt.core.config",
+    "BlockGrid": "smt.kernels.blocks",
+    "Selection": "smt.core.selection",
+    "select_top_k": "smt.core.selection",
+    "apply_selection": "smt.core.model",
+    "inject": "smt.core.model",
+    "save_delta": "smt.adapters.delta",
+    "load_delta": "smt.adapters.delta",
+    "read_delta": "smt.adapters.delta",
+    "merge_delta": "smt.core.model",
+    "trainable_summary": "smt.core.summary",
+    "SparseMatrixTuning": "smt.lightning.callback",
+    "DeltaSet": "smt.adapters.deltaset",
+    "export_lora": "smt.adapters.lora",
+    "export_shira": "smt.adapters.shira",
+    "NonFiniteGuard": "smt.lightning.guards",
+    "AtomicCheckpointIO": "smt.lightning.checkpoint_io",
 }
 
 __all__ = [
@@ -51,17 +51,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from smt.blocks import BlockGrid
-    from smt.callbacks import SparseMatrixTuning
-    from smt.checkpoint_io import AtomicCheckpointIO
-    from smt.config import SMTConfig
-    from smt.delta import load_delta, read_delta, save_delta
-    from smt.deltaset import DeltaSet
-    from smt.guards import NonFiniteGuard
-    from smt.lora_export import export_lora
-    from smt.model import apply_selection, inject, merge_delta, trainable_summary
-    from smt.selection import Selection, select_top_k
-    from smt.shira_export import export_shira
+    from smt.adapters.delta import load_delta, read_delta, save_delta
+    from smt.adapters.deltaset import DeltaSet
+    from smt.adapters.lora import export_lora
+    from smt.adapters.shira import export_shira
+    from smt.core.config import SMTConfig
+    from smt.core.model import apply_selection, inject, merge_delta
+    from smt.core.selection import Selection, select_top_k
+    from smt.core.summary import trainable_summary
+    from smt.kernels.blocks import BlockGrid
+    from smt.lightning.callback import SparseMatrixTuning
+    from smt.lightning.checkpoint_io import AtomicCheckpointIO
+    from smt.lightning.guards import NonFiniteGuard
 
 
 def __getattr__(name: str) -> Any:

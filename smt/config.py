@@ -1,173 +1,30 @@
-"""Typed configuration of Sparse Matrix Tuning. Field docstrings become ``--help`` text in the CLI.
+"""Old import path of :mod:`smt.core.config` (was ``smt.config``): re-exports only.
 
-Every check runs in ``__post_init__`` and fails with one line that names the field and the fix.
+Existing imports, YAML class paths and checkpoints keep loading; new code uses the new path (README).
 """
 
-from __future__ import annotations
+from smt.core.config import (
+    CRITERIA,
+    DEFAULT_DENSITY,
+    DELTA_DTYPES,
+    FORWARD_MODES,
+    PRUNE_CRITERIA,
+    REGROWTH_CRITERIA,
+    REGROWTH_SCHEDULES,
+    PoolConfig,
+    RegrowthConfig,
+    SMTConfig,
+)
 
-from dataclasses import dataclass, field
-
-from smt.kernels import KERNEL_CHOICES
-
-CRITERIA = (
-    "grad_sq", "grad_mean_abs", "grad_abs_mean", "grad_l1", "weight_abs_mean", "random", "grad_snr", "grad_sq_xnorm"
-)  # fmt: skip
-FORWARD_MODES = ("auto", "materialize", "additive")
-DELTA_DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_DENSITY = 0.01
-
-
-@dataclass
-class PoolConfig:
-    """A group of target modules with a budget of its own (SMT gives attention and MLP separate budgets)."""
-
-    pattern: str | list[str]
-    """Which target modules belong here, matched like ``target_modules``: one regex matched against the whole
-    module name (``.*self_attn\\..*``), or a list of name suffixes (``[q_proj, k_proj, v_proj]``)."""
-    num_blocks: int | None = None
-    """Blocks for this pool (set this or ``density``)."""
-    density: float | None = None
-    """Fraction of this pool's targeted parameters to tune (set this or ``num_blocks``)."""
-
-    def __post_init__(self) -> None:
-        _check_budget(self.num_blocks, self.density, f"smt.pools[{self.pattern!r}]", required=True)
-
-
-@dataclass
-class SMTConfig:
-    """What to tune and how blocks are chosen.
-
-    Example:
-        >>> SMTConfig(target_modules=["v_proj"], block_size=256, density=0.01).block_size
-        256
-    """
-
-    target_modules: str | list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-    """Modules whose weights get blocks: a list of name suffixes (``["q_proj", "v_proj"]``) or one regular
-    expression matched against the **whole** module name (``.*self_attn\\.(q|v)_proj``; PEFT's convention, shared
-    by every pattern smt takes). Default: attention q, k, v (SMT's best finding)."""
-    block_size: int | tuple[int, int] = 256
-    """Block shape ``(rows, cols)`` or one int for square blocks; ``-1`` = the full dimension (strips:
-    ``[1, -1]`` selects output channels, S²FT-style). Larger = faster kernels, coarser selection."""
-    num_blocks: int | None = None
-    """Total blocks to tune (set this or ``density``, not both)."""
-    density: float | None = None
-    """Fraction of targeted parameters to tune, e.g. 0.01 (default 0.01 when neither budget is set)."""
-    pools: dict[str, PoolConfig] | None = None
-    """Separate budgets per named pool of modules (e.g. ``attention`` and ``mlp``); replaces the global
-    budget. A target module belongs to the first pool whose pattern (full match, or suffix list) it matches."""
-    max_blocks_per_module: int | None = None
-    """Upper limit on blocks in any one module (None = no limit)."""
-    min_blocks_per_module: int = 0
-    """Lower limit on blocks in every targeted module (the best blocks of each module are kept first)."""
-    warmup_steps: int = 100
-    """Optimizer steps of scoring before selection (nothing is updated during them)."""
-    criterion: str = "grad_sq"
-    """Block score: ``grad_sq`` (Σ of squared block gradients per micro-batch, memory-light), ``grad_mean_abs``
-    (|mean of the summed gradient|, memory-light), ``grad_abs_mean`` (mean |summed gradient|, SMT's README
-    choice: exact, keeps one fp32 accumulator the size of each weight), ``grad_l1`` (Σ|block gradient| per
-    micro-batch, the memory-light upper bound of ``grad_abs_mean``), ``weight_abs_mean``, ``random``."""
-    accumulator_device: str | None = None
-    """Where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` offloads them); None = with the weight."""
-    forward: str = "auto"
-    """How Δ enters the forward: ``materialize`` (W0+Δ in one dense GEMM), ``additive`` (base(x) + block
-    matmul; quantized or sharded bases), ``auto`` (materialize for plain float weights, else additive)."""
-    kernel: str = "auto"
-    """Block kernels: ``auto`` (Triton on CUDA when available), ``torch`` (reference), ``triton`` (forced)."""
-    delta_dtype: str = "float32"
-    """dtype of the trainable Δ slots (fp32 master weights by default, whatever the base dtype)."""
-    seed: int = 0
-    """Seed of the ``random`` criterion."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.block_size, list):
-            self.block_size = tuple(self.block_size)
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
-            raise ValueError("smt.target_modules is empty; name at least one module, e.g. ['v_proj']")
-        if self.pools:
-            if self.num_blocks is not None or self.density is not None:
-                raise ValueError("smt.pools replaces smt.num_blocks/smt.density; set only one of them")
-            self.pools = {name: PoolConfig(**p) if isinstance(p, dict) else p for name, p in self.pools.items()}
-        else:
-            _check_budget(self.num_blocks, self.density, "smt", required=False)
-        _check_choice(self.criterion, CRITERIA, "criterion")
-        _check_choice(self.forward, FORWARD_MODES, "forward")
-        _check_choice(self.kernel, KERNEL_CHOICES, "kernel")
-        _check_choice(self.delta_dtype, DELTA_DTYPES, "delta_dtype")
-        if self.warmup_steps < 0:
-            raise ValueError(f"smt.warmup_steps={self.warmup_steps} must be ≥ 0")
-        if self.max_blocks_per_module is not None and self.max_blocks_per_module < max(1, self.min_blocks_per_module):
-            raise ValueError(
-                f"smt.max_blocks_per_module={self.max_blocks_per_module} is below "
-                f"min_blocks_per_module={self.min_blocks_per_module}; raise it or drop the limit"
-            )
-
-    @property
-    def budget_density(self) -> float | None:
-        """The density budget in force (the default when no budget was set)."""
-        if self.num_blocks is None and self.density is None and not self.pools:
-            return DEFAULT_DENSITY
-        return self.density
-
-
-def _check_budget(num_blocks: int | None, density: float | None, prefix: str, required: bool) -> None:
-    if num_blocks is not None and density is not None:
-        raise ValueError(f"{prefix}.num_blocks and {prefix}.density are both set; keep one of them")
-    if required and num_blocks is None and density is None:
-        raise ValueError(f"{prefix} needs a budget: set num_blocks or density")
-    if num_blocks is not None and num_blocks < 1:
-        raise ValueError(f"{prefix}.num_blocks={num_blocks} must be ≥ 1; a zero budget would tune nothing")
-    if density is not None and not 0.0 < density <= 1.0:
-        raise ValueError(f"{prefix}.density={density} must be in (0, 1], e.g. 0.01 for 1 %")
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"smt.{name}={value!r} is not one of {', '.join(choices)}")
-
-
-REGROWTH_SCHEDULES = ("linear", "cosine", "constant")
-REGROWTH_CRITERIA = ("ag", "ma")
-PRUNE_CRITERIA = ("delta_norm", "delta_change")
-
-
-@dataclass
-class RegrowthConfig:
-    """SpIEL-style dynamic prune-and-regrow of blocks during tuning (shapes never change).
-
-    Every ``every`` optimizer steps, each module drops the fraction p(t) of its blocks with the lowest prune
-    score and grows as many unselected blocks with the highest growth score, scored over the last
-    ``accumulate`` steps. Grown blocks start at Δ = 0 with fresh optimizer state.
-    """
-
-    every: int = 20
-    """R: optimizer steps between events."""
-    accumulate: int = 5
-    """A: steps of block-gradient scoring before each event (≤ every). More = steadier, ~A/R extra backward cost."""
-    rate: float = 0.2
-    """Initial fraction of each module's blocks replaced per event."""
-    schedule: str = "linear"
-    """How the rate decays: ``linear`` (to 0 at ``until``), ``cosine``, ``constant``."""
-    until: int | None = None
-    """Last step with events (default: the run's last step, ``trainer.max_steps``)."""
-    criterion: str = "ag"
-    """Growth score: ``ag`` (fp32 squared block gradients summed over the window) or ``ma`` (their EMA)."""
-    ma_decay: float = 0.9
-    """EMA decay per scored step for ``ma``."""
-    prune: str = "delta_norm"
-    """Prune score: ``delta_norm`` (‖Δ_b‖ from the pretrained weight) or ``delta_change`` (how far Δ_b moved since the
-    previous event: blocks that stopped learning go first)."""
-
-    def __post_init__(self) -> None:
-        if self.every < 1 or not 1 <= self.accumulate <= self.every:
-            raise ValueError(
-                f"smt.regrowth: every={self.every}, accumulate={self.accumulate}; "
-                "need every ≥ 1 and 1 ≤ accumulate ≤ every"
-            )
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"smt.regrowth.rate={self.rate} must be in [0, 1]")
-        if not 0.0 <= self.ma_decay < 1.0:
-            raise ValueError(f"smt.regrowth.ma_decay={self.ma_decay} must be in [0, 1)")
-        _check_choice(self.schedule, REGROWTH_SCHEDULES, "regrowth.schedule")
-        _check_choice(self.criterion, REGROWTH_CRITERIA, "regrowth.criterion")
-        _check_choice(self.prune, PRUNE_CRITERIA, "regrowth.prune")
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_DENSITY",
+    "DELTA_DTYPES",
+    "FORWARD_MODES",
+    "PRUNE_CRITERIA",
+    "PoolConfig",
+    "REGROWTH_CRITERIA",
+    "REGROWTH_SCHEDULES",
+    "RegrowthConfig",
+    "SMTConfig",
+]

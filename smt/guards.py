@@ -1,124 +1,13 @@
-"""``NonFiniteGuard``: a step whose loss or gradients are not finite updates nothing, and a diverged run stops.
+"""Old import path of :mod:`smt.lightning.guards` (was ``smt.guards``): re-exports only.
 
-Once per optimizer step, the same decision on every rank (one all-reduce): were every loss of the step's
-micro-batches and every trainable gradient finite? If not, all gradients are dropped before the optimizer
-runs (``None``: no update, no weight decay, no optimizer state), the skip is counted (the running count is
-logged every step as ``smt/skipped_steps``), and after ``max_consecutive`` skipped steps in a row the run stops with
-``TrainingDivergedError``, leaving every checkpoint written so far as it was (skipped steps change no weight).
-
-How it composes:
-
-- fp16 with a ``GradScaler``: Lightning unscales before this hook and the scaler records its own inf check
-  there, so an overflowing *gradient* is the scaler's business (it skips the step and lowers the scale) and
-  is not counted; a non-finite *loss* is counted either way.
-- ``SparseMatrixTuning`` drops every gradient during the warm-up and discards non-finite warm-up scores
-  itself; the guard still counts warm-up steps with a non-finite loss, so a run that diverges while scoring
-  stops too.
+Existing imports, YAML class paths and checkpoints keep loading; new code uses the new path (README).
 """
 
-from __future__ import annotations
+from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError, drop_gradients, scaler_enabled
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
-from typing_extensions import override
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-class NonFiniteGuard(Callback):
-    """Skip and count optimizer steps with a non-finite loss or gradient; stop after too many in a row.
-
-    Example:
-        >>> trainer = Trainer(callbacks=[NonFiniteGuard(max_consecutive=5)])  # on by default in `smt fit`
-
-    Args:
-        max_consecutive: stop after this many skipped steps in a row (0 = never stop, only skip and count).
-    """
-
-    def __init__(self, max_consecutive: int = 10) -> None:
-        if max_consecutive < 0:
-            raise ValueError(f"guard.max_consecutive={max_consecutive} must be ≥ 0 (0 = never stop)")
-        self.max_consecutive = max_consecutive
-        self.skipped_steps = 0
-        self.consecutive = 0
-        self._loss_finite: torch.Tensor | None = None
-        self._batch_key: tuple[int, int] | None = None
-        self._last_decided: tuple[int, int] | None = None
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        self._batch_key = (trainer.current_epoch, batch_idx)
-
-    @override
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).all()
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-
-    @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if self._batch_key == self._last_decided:
-            return  # a second optimizer on the same batch: the step is already decided (and dropped if bad)
-        self._last_decided = self._batch_key
-        if self._step_is_finite(trainer, pl_module, optimizer):
-            self.consecutive = 0
-            return
-        drop_gradients(optimizer)
-        self.skipped_steps += 1
-        self.consecutive += 1
-        rank_zero_warn(
-            f"smt: step {trainer.global_step}: non-finite loss or gradient, step skipped "
-            f"({self.consecutive} in a row, {self.skipped_steps} in all)"
-        )
-        if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            raise TrainingDivergedError(
-                f"training diverged: {self.consecutive} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last at step {trainer.global_step}); lower the learning rate or check the data, then resume "
-                "from the last checkpoint (it holds no skipped update)"
-            )
-
-    @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._last_decided == self._batch_key:
-            self._loss_finite = None  # the step is done; with gradient accumulation losses keep adding up
-        pl_module.log("smt/skipped_steps", float(self.skipped_steps))  # every step: a column from the first row
-
-    def _step_is_finite(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> bool:
-        """One all-rank decision (one host sync) on the step's losses and, without a loss scaler, gradients."""
-        device = pl_module.device
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        if self._loss_finite is not None:
-            finite = finite & self._loss_finite.to(device)
-        if not scaler_enabled(trainer):
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                # FSDP2 gradients are DTensors: each rank checks its own shard; the sum below covers them all.
-                local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-                # One fused call for all slots: the max-norm is NaN/inf exactly when a gradient holds one (no overflow).
-                finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all().to(device)
-        bad = (~finite).float()
-        return float(trainer.strategy.reduce(bad, reduce_op="sum")) == 0.0
-
-    @override
-    def state_dict(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
-
-    @override
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.consecutive = int(state_dict.get("consecutive", 0))
-
-
-def scaler_enabled(trainer: Trainer) -> bool:
-    """Whether an fp16 ``GradScaler`` handles overflowing gradients in this run."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler is not None and scaler.is_enabled()
-
-
-def drop_gradients(optimizer) -> None:
-    """Remove every gradient before the optimizer step: no update, no weight decay, no optimizer state."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
+__all__ = [
+    "NonFiniteGuard",
+    "TrainingDivergedError",
+    "drop_gradients",
+    "scaler_enabled",
+]

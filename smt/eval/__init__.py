@@ -1,6 +1,6 @@
 """Evaluation of fine-tuned LMs on the LLM-Adapters commonsense and math suites and GSM8K (no Lightning).
 
-Two ways to score a test example whose prompt comes from ``smt.prompts`` (the data module's
+Two ways to score a test example whose prompt comes from ``smt.lightning.data.prompts`` (the data module's
 ``test_dataloader`` yields ``prompt``, ``reference`` and ``task`` per example):
 
 * **Generation** (the papers' protocol): generate a response, then

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan
+from smt.kernels.blocks import BlockGrid, BlockPlan
 
 CHUNK_BYTES = 64 * 2**20
 """Transient-memory bound for chunked reductions (bytes of fp32 work space)."""

@@ -22,7 +22,7 @@ from fsdp_script import FullyShardedRegressor
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from smt import SparseMatrixTuning
-from smt.config import RegrowthConfig
+from smt.core.config import RegrowthConfig
 seed_everything(0)
 kind, devices = sys.argv[1], int(sys.argv[2])
 fsdp = kind == "fsdp"

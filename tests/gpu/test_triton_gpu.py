@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan
 from smt.kernels import backend_for, reference
+from smt.kernels.blocks import BlockGrid, BlockPlan
 
 pytestmark = pytest.mark.gpu
 

@@ -22,7 +22,7 @@ from helpers import TwoLayer
 from lightning.pytorch import Callback, LightningModule
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
-from smt.model import get_bank
+from smt.core.model import get_bank
 
 WORLD, BATCH = 2, 4
 

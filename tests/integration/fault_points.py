@@ -67,7 +67,7 @@ class KillAt(Callback):
         checkpoint_io.write_payload = write_half_then_die
 
     def _arm_regrowth(self, trainer) -> None:
-        from smt.regrowth import Regrower
+        from smt.core.regrowth import Regrower
 
         original, strike = Regrower.event, self.step
 
@@ -113,8 +113,8 @@ class RecordRank(Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from smt.guards import NonFiniteGuard
-        from smt.model import get_bank
+        from smt.core.model import get_bank
+        from smt.lightning.guards import NonFiniteGuard
 
         (guard,) = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
         slots = [slot.detach().clone() for slot in get_bank(pl_module.model).slots]

@@ -14,9 +14,9 @@ from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from smt import SparseMatrixTuning  # noqa: E402
-from smt.config import RegrowthConfig  # noqa: E402
-from smt.distributed import shard_network  # noqa: E402
-from smt.layer import SparseBlockLinear  # noqa: E402
+from smt.core.config import RegrowthConfig  # noqa: E402
+from smt.core.layer import SparseBlockLinear  # noqa: E402
+from smt.lightning.distributed import shard_network  # noqa: E402
 
 MAX_STEPS, WARMUP = 8, 3
 

@@ -14,7 +14,7 @@ from helpers import TwoLayer, tiny_gpt2
 from lightning.pytorch import Callback, LightningModule
 from torch.utils.data import DataLoader
 
-from smt.model import bank_holder, get_bank, merged, sparse_layers
+from smt.core.model import bank_holder, get_bank, merged, sparse_layers
 
 LOADER_LENGTH = 64
 QUIET = {

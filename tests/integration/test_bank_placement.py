@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plain_modules import QUIET, Regressor
 
 from smt import SparseMatrixTuning, merge_delta, save_delta
-from smt.delta import read_delta
-from smt.model import bank_holder, get_bank, inject
+from smt.adapters.delta import read_delta
+from smt.core.model import bank_holder, get_bank, inject
 
 pytestmark = pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 

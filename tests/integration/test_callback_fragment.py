@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from smt import SparseMatrixTuning
-from smt.model import get_bank
+from smt.core.model import get_bank
 
 FRAGMENT = REPO / "callbacks" / "smt.yaml"
 

@@ -18,7 +18,7 @@ from plain_modules import (
 )
 
 from smt import SparseMatrixTuning
-from smt.model import get_bank
+from smt.core.model import get_bank
 
 WARMUP = 3
 

@@ -1,6 +1,6 @@
 """Bad input through the ``smt`` command: one ``smt: error:`` line on stderr, exit code 2, nothing written.
 
-Each case runs ``smt.cli.main`` in-process in an empty folder holding only its inputs; one case also runs
+Each case runs ``smt.lightning.cli.main`` in-process in an empty folder holding only its inputs; one case also runs
 the installed console script in a subprocess, to see the stderr a user sees.
 """
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import DEBUG_CONFIG
 
-from smt.blocks import BlockGrid
-from smt.cli import main
-from smt.selection import Selection
+from smt.core.selection import Selection
+from smt.kernels.blocks import BlockGrid
+from smt.lightning.cli import main
 
 
 def write_fieldless_data(folder: Path) -> Path:

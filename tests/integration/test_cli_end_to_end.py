@@ -1,6 +1,6 @@
 """The ``smt`` command end to end on ``configs/debug.yaml`` (tiny random Llama, byte tokenizer, CPU).
 
-``smt fit`` runs once per module (in-process through ``smt.cli.main``) and the tests read what it wrote:
+``smt fit`` runs once per module (in-process through ``smt.lightning.cli.main``) and the tests read what it wrote:
 checkpoint, delta file, selection and heatmap, the CSV log. ``smt select``, ``smt fit --smt.selection_path``,
 ``smt export`` and ``--optimizer`` build on it.
 """
@@ -16,10 +16,10 @@ import torch
 from conftest import DEBUG_CONFIG
 
 from smt import Selection, read_delta, trainable_summary
-from smt.callbacks import SparseMatrixTuning
-from smt.cli import main, run_lightning
-from smt.export import load_checkpoint, model_from_checkpoint
-from smt.model import get_bank
+from smt.core.model import get_bank
+from smt.lightning.callback import SparseMatrixTuning
+from smt.lightning.cli import main, run_lightning
+from smt.lightning.export import load_checkpoint, model_from_checkpoint
 
 BLOCKS, BLOCK = 4, 16  # configs/debug.yaml: num_blocks 4 of 16×16 over q_proj and v_proj
 TARGETS = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from smt.cli import COMMANDS, main
+from smt.lightning.cli import COMMANDS, main
 
 
 def test_top_level_help_lists_every_command_with_one_line(capsys):

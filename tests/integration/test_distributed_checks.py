@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smt.blocks import BlockGrid
-from smt.distributed import check_same_selection, summed_scorer_states, zeroed_scorer_states
-from smt.scoring import BlockScorer
+from smt.core.scoring import BlockScorer
+from smt.kernels.blocks import BlockGrid
+from smt.lightning.distributed import check_same_selection, summed_scorer_states, zeroed_scorer_states
 
 
 def gather_from(*fingerprints: str):
@@ -44,8 +44,8 @@ def test_checkpointed_scores_are_summed_but_the_live_ones_stay_this_ranks():
 def test_strategies_smt_cannot_train_correctly_are_refused_in_one_line():
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-    from smt.config import RegrowthConfig
-    from smt.distributed import check_strategy
+    from smt.core.config import RegrowthConfig
+    from smt.lightning.distributed import check_strategy
 
     check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), None, RegrowthConfig())
     cases = [
@@ -76,7 +76,7 @@ def test_strategies_smt_cannot_train_correctly_are_refused_in_one_line():
 def test_distributed_configs_parse_over_the_debug_config_and_show_their_command(name, capsys):
     import yaml
 
-    from smt.cli import main
+    from smt.lightning.cli import main
 
     repo = Path(__file__).resolve().parents[2]
     path = repo / "configs" / "distributed" / f"{name}.yaml"

@@ -24,8 +24,8 @@ import pytest
 import torch
 from conftest import DEBUG_CONFIG
 
-from smt.checkpoint_io import read_checkpoint
-from smt.cli import run_lightning
+from smt.lightning.checkpoint_io import read_checkpoint
+from smt.lightning.cli import run_lightning
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 DDP = ["--trainer.strategy=ddp_fork", "--trainer.devices=2", "--trainer.val_check_interval=3"]

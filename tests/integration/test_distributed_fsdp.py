@@ -1,7 +1,8 @@
 """FSDP2 on CPU (``ModelParallelStrategy``, 2 ranks, gloo) against one process over the same global batches.
 
 ``fsdp_script.py`` runs in a subprocess (the strategy re-launches ``sys.argv`` for rank 1), once per forward mode:
-each tuned layer its own FSDP unit, the network holding the bank the enclosing one (``smt.distributed.shard_network``).
+each tuned layer its own FSDP unit, the network holding the bank the enclosing one (``shard_network``, in
+``smt.lightning.distributed``).
 Warm-up, selection and regrowth must give the single process's blocks, and bit-identical weights on both ranks.
 """
 
@@ -15,7 +16,7 @@ from distributed_modules import BATCH, WORLD, InterleavedSampler, RecordPerRank,
 from lightning.pytorch import Trainer, seed_everything
 
 from smt import SparseMatrixTuning
-from smt.config import RegrowthConfig
+from smt.core.config import RegrowthConfig
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers", "ignore:.*LeafSpec")

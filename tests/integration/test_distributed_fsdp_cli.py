@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smt.delta import read_delta
+from smt.adapters.delta import read_delta
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import DEBUG_CONFIG
 
-from smt.cli import main
-from smt.export import model_from_checkpoint
-from smt.lora_export import base_copy
+from smt.adapters.lora import base_copy
+from smt.lightning.cli import main
+from smt.lightning.export import model_from_checkpoint
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -30,8 +30,8 @@ import torch
 from conftest import DEBUG_CONFIG, REPO
 from safetensors.torch import load_file
 
-from smt.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from smt.cli import main
+from smt.lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from smt.lightning.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CHECKPOINT_EVERY_STEP = [
@@ -170,7 +170,7 @@ def test_a_damaged_checkpoint_is_refused_on_resume(reference, train_file, tmp_pa
 
 
 def test_out_of_disk_while_checkpointing_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
-    from smt.io import WriteFailedError
+    from smt.core.io import WriteFailedError
 
     target = tmp_path / "last.ckpt"
     target.write_bytes((checkpoints(reference) / "step=4.ckpt").read_bytes())

@@ -1,4 +1,4 @@
-"""A run that trains nothing never ends green (issue 14): each guard of ``smt.progress``, forced.
+"""A run that trains nothing never ends green (issue 14): each guard of ``smt.core.progress``, forced.
 
 - no gradient reaches the targets in the warm-up → stop at selection;
 - Δ still 0 in every slot after ``check_progress_after`` tuning steps with lr > 0 → stop before that step's
@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plain_modules import QUIET, DropSlotGradients, Regressor
 
 from smt import SparseMatrixTuning
-from smt.cli import main
-from smt.model import get_bank
-from smt.progress import NothingTrainedError
+from smt.core.model import get_bank
+from smt.core.progress import NothingTrainedError
+from smt.lightning.cli import main
 
 WARMUP = 3
 pytestmark = pytest.mark.filterwarnings(
@@ -125,9 +125,9 @@ def test_the_issue_14_repro_without_the_fix_now_exits_1(train_file, pretrained_f
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
-    import smt.model
+    import smt.core.model
 
-    monkeypatch.setattr(smt.model, "keep_trainable", lambda model: 0)  # the bug back
+    monkeypatch.setattr(smt.core.model, "keep_trainable", lambda model: 0)  # the bug back
     config = str(DEBUG_CONFIG.with_name("debug-nf4.yaml"))
     base = [f"--model.model={pretrained_folder}", "--model.model_config=null"]
     assert main(["fit", "--config", config, "--data.train_path", str(train_file), *base]) == 1

@@ -12,10 +12,10 @@ import torch
 from conftest import REPO
 
 from smt import read_delta
-from smt.cli import main, run_lightning
-from smt.export import load_checkpoint, model_from_checkpoint
-from smt.layer import SparseBlockLinear
-from smt.model import get_bank
+from smt.core.layer import SparseBlockLinear
+from smt.core.model import get_bank
+from smt.lightning.cli import main, run_lightning
+from smt.lightning.export import load_checkpoint, model_from_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes")
 

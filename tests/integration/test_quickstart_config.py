@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smt.cli import main
-from smt.pretrained import DEFAULT_SMOLLM2_DIR
+from smt.lightning.cli import main
+from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -68,7 +68,7 @@ def test_one_pass_over_the_training_slice(resolved: dict) -> None:
 
 
 def test_smt_budget_fits_smollm2(resolved: dict) -> None:
-    from smt.callbacks import SparseMatrixTuning
+    from smt.lightning.callback import SparseMatrixTuning
 
     smt = resolved["smt"]
     SparseMatrixTuning(**smt)  # the callback validates its own arguments
@@ -112,7 +112,7 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
 
 def test_quickstart_runs_end_to_end_on_a_tiny_model(monkeypatch, capsys) -> None:
     """``scripts/quickstart.py``'s run in the test's folder, SmolLM2 replaced by a tiny random Llama."""
-    from smt import run_logs
+    from smt.lightning import run_logs
 
     monkeypatch.setattr(run_logs, "tensorboard_available", lambda: False)
     what = quickstart.write_task(quickstart.TASK_DIR, val_size=8)

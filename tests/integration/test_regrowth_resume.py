@@ -7,8 +7,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from smt import SparseMatrixTuning
-from smt.config import RegrowthConfig
-from smt.model import get_bank
+from smt.core.config import RegrowthConfig
+from smt.core.model import get_bank
 
 
 class Net(LightningModule):

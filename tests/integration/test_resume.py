@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from plain_modules import QUIET, Probe, Regressor
 
 from smt import SparseMatrixTuning
-from smt.model import get_bank
+from smt.core.model import get_bank
 
 pytestmark = pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 

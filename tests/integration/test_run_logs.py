@@ -14,12 +14,12 @@ from conftest import DEBUG_CONFIG
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from smt import run_logs
-from smt.blocks import BlockGrid
-from smt.callbacks import SparseMatrixTuning
-from smt.cli import main
-from smt.run_logs import SelectionReport, default_logger, selection_metrics, selection_table
-from smt.selection import Selection
+from smt.core.selection import Selection
+from smt.kernels.blocks import BlockGrid
+from smt.lightning import run_logs
+from smt.lightning.callback import SparseMatrixTuning
+from smt.lightning.cli import main
+from smt.lightning.run_logs import SelectionReport, default_logger, selection_metrics, selection_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KINDS = ("self_attn.q_proj", "self_attn.v_proj")  # configs/debug.yaml targets, 4 blocks of 16×16 in all
@@ -116,7 +116,7 @@ def test_tensorboard_gets_the_heatmap_as_an_image_and_the_table_as_text(tmp_path
 
 
 def test_logger_false_adds_no_logging_callbacks(train_file):
-    from smt.cli import run_lightning
+    from smt.lightning.cli import run_lightning
 
     cli = run_lightning(["fit", "--config", str(DEBUG_CONFIG), "--data.train_path", str(train_file),
                          "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])  # fmt: skip

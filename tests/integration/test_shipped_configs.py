@@ -12,9 +12,9 @@ import yaml
 from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
 
 from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
-from smt.cli import main
-from smt.data import InstructionDataModule
-from smt.export import load_checkpoint
+from smt.lightning.cli import main
+from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.export import load_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SMT_BUDGET = 0.0084  # SMT: blocks = 0.84 % of all 2-D weight elements of the model / 256²
@@ -111,3 +111,42 @@ def test_real_use_numerics_run_on_the_debug_model(tmp_path):
     slots = [v for k, v in state.items() if k.startswith("model.smt_bank.slots.")]
     assert slots and all(s.dtype == torch.float32 for s in slots) and any(s.any() for s in slots)  # fp32 Δ, trained
     assert (tmp_path / "runs" / "debug" / "delta.safetensors").is_file()
+
+
+OLD_CLASS_PATHS = [  # written in YAML files and configs before the modules moved into packages (issue 17)
+    ("smt.SparseMatrixTuning", "smt.lightning.callback.SparseMatrixTuning"),
+    ("smt.callbacks.SparseMatrixTuning", "smt.lightning.callback.SparseMatrixTuning"),
+    ("smt.module.SMTLanguageModel", "smt.lightning.module.SMTLanguageModel"),
+    ("smt.data.InstructionDataModule", "smt.lightning.data.datamodule.InstructionDataModule"),
+    ("smt.guards.NonFiniteGuard", "smt.lightning.guards.NonFiniteGuard"),
+    ("smt.checkpoint_io.AtomicCheckpointIO", "smt.lightning.checkpoint_io.AtomicCheckpointIO"),
+    ("smt.checkpoint_io.PreemptionCheckpoint", "smt.lightning.checkpoint_io.PreemptionCheckpoint"),
+    ("smt.config.RegrowthConfig", "smt.core.config.RegrowthConfig"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), OLD_CLASS_PATHS, ids=[old for old, _ in OLD_CLASS_PATHS])
+def test_old_class_paths_name_the_same_classes(old, new):
+    import importlib
+
+    def resolve(path: str):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    assert resolve(old) is resolve(new)
+
+
+def test_a_yaml_with_old_class_paths_still_parses(tmp_path, capsys):
+    """The CLI's own parser resolves (and type-checks the init args of) ``class_path: smt.guards.NonFiniteGuard``."""
+    extra = tmp_path / "old.yaml"
+    extra.write_text(
+        "trainer:\n  callbacks:\n    - class_path: smt.guards.NonFiniteGuard\n      init_args: {max_consecutive: 3}\n"
+        "    - class_path: smt.checkpoint_io.PreemptionCheckpoint\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(DEBUG_CONFIG), "--config", str(extra), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    old = ["smt.guards.NonFiniteGuard", "smt.checkpoint_io.PreemptionCheckpoint"]  # printed as written
+    assert [c["class_path"] for c in callbacks][-2:] == old
+    assert callbacks[-2]["init_args"]["max_consecutive"] == 3

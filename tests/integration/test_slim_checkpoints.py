@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from helpers import tiny_llama
 
-from smt.cli import main
-from smt.export import model_from_checkpoint
-from smt.model import get_bank
+from smt.core.model import get_bank
+from smt.lightning.cli import main
+from smt.lightning.export import model_from_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
 

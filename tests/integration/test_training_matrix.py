@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from smt.cli import run_lightning
-from smt.model import get_bank
+from smt.core.model import get_bank
+from smt.lightning.cli import run_lightning
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan, resolve_block_size
+from smt.kernels.blocks import BlockGrid, BlockPlan, resolve_block_size
 
 
 def test_ragged_grid_counts_real_block_sizes():
@@ -36,6 +36,37 @@ def test_gather_and_scatter_round_trip_with_ragged_tiles():
     expected[8:10, 6:7] = 2 * w[8:10, 6:7]
     expected[0:4, 3:6] = 2 * w[0:4, 3:6]
     assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_flat_gather_and_scatter_match_a_loop_on_any_strides_with_padding_ignored(layout):
+    """The flat-offset ops on a row-major weight, a GPT-2 ``Conv1D`` view (``[in, out]`` storage, ``.t()``) and a
+    view with gaps between rows; ragged tiles carry garbage outside the weight, which must change nothing."""
+    grid = BlockGrid(10, 7, 4, 3)
+    index = torch.tensor([[2, 2], [0, 1], [2, 0], [1, 2]])  # the ragged corner, a full block, both ragged edges
+    storage = {"contiguous": torch.zeros(10, 7), "transposed": torch.zeros(7, 10), "sliced": torch.zeros(10, 9)}
+    weight = {"contiguous": lambda t: t, "transposed": lambda t: t.t(), "sliced": lambda t: t[:, 1:8]}[layout](
+        storage[layout]
+    )
+    before = torch.randn(10, 7)
+    weight.copy_(before)
+    tiles = torch.randn(4, 4, 3) * 100  # garbage in the padding too
+    expected_set, expected_add = before.clone(), before.clone()
+    for (r, c), tile in zip(index.tolist(), tiles):
+        (r0, r1), (c0, c1) = grid.row_range(r), grid.col_range(c)
+        expected_set[r0:r1, c0:c1] = tile[: r1 - r0, : c1 - c0]
+        expected_add[r0:r1, c0:c1] += tile[: r1 - r0, : c1 - c0]
+    gathered = grid.gather(weight, index)
+    assert torch.equal(gathered, grid.gather(before, index)) and torch.equal(
+        gathered * ~grid.tile_mask(index), 0 * gathered
+    )
+    grid.scatter_(weight, index, tiles)
+    assert torch.equal(weight, expected_set)
+    weight.copy_(before)
+    grid.scatter_add_(weight, index, tiles)
+    assert torch.equal(weight, expected_add)
+    if layout == "sliced":
+        assert not storage[layout][:, 0].any() and not storage[layout][:, 8].any()  # the gaps are untouched
 
 
 def test_reduce_tiles_hand_case():

@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_gpt2, tiny_llama
 
 from smt import Selection, SMTConfig, apply_selection, load_delta, merge_delta, save_delta, trainable_summary
-from smt.model import get_bank, inject, select_blocks, start_scoring
+from smt.core.model import get_bank, inject, select_blocks, start_scoring
 
 
 def _tuned(model_factory, config, steps=3):

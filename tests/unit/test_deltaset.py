@@ -8,9 +8,9 @@ import torch
 from helpers import tiny_gpt2, tiny_llama
 
 from smt import Selection, SMTConfig, apply_selection, load_delta, merge_delta, save_delta
-from smt.deltaset import DeltaSet, same_base
-from smt.export import fuse_deltas_
-from smt.model import find_targets, get_bank, logical_weight, module_grids
+from smt.adapters.deltaset import DeltaSet, same_base
+from smt.adapters.merge import fuse_deltas_
+from smt.core.model import find_targets, get_bank, logical_weight, module_grids
 
 LLAMA = SMTConfig(target_modules=["q_proj", "v_proj", "up_proj"], block_size=(24, 20), num_blocks=6)  # ragged
 GPT2 = SMTConfig(target_modules=["c_attn", "c_fc"], block_size=16, num_blocks=5)  # Conv1D, [in, out] storage

@@ -19,11 +19,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smt.blocks import BlockGrid
-from smt.checkpoint_io import read_checkpoint
-from smt.delta import read_delta
-from smt.io import atomic_save_safetensors
-from smt.selection import Selection
+from smt.adapters.delta import read_delta
+from smt.core.io import atomic_save_safetensors
+from smt.core.selection import Selection
+from smt.kernels.blocks import BlockGrid
+from smt.lightning.checkpoint_io import read_checkpoint
 
 FUZZ_EXAMPLES = int(os.environ.get("SMT_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -254,7 +254,7 @@ def test_a_legacy_or_compressed_checkpoint_is_refused_before_torch_parses_it(ori
 def test_damaged_yaml_configs_are_refused_without_running_code(tmp_path_factory, text, position):
     from jsonargparse import ArgumentParser
 
-    from smt.callbacks import SparseMatrixTuning
+    from smt.lightning.callback import SparseMatrixTuning
 
     source = Path(__file__).parents[2] / "configs" / "debug.yaml"
     yaml = source.read_text()
@@ -289,7 +289,7 @@ def test_yaml_tags_that_would_run_code_are_not_executed(tmp_path):
 @FUZZ
 @given(text=st.text(max_size=300))
 def test_damaged_data_files_are_refused_with_one_line(tmp_path_factory, text):
-    from smt.data import load_records
+    from smt.lightning.data.records import load_records
 
     folder = tmp_path_factory.mktemp("data")
     path = folder / "train.json"

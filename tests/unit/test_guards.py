@@ -16,12 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from smt import SparseMatrixTuning
-from smt.blocks import BlockGrid
-from smt.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from smt.guards import NonFiniteGuard, TrainingDivergedError
-from smt.io import WriteFailedError, atomic_save_safetensors
-from smt.resume_loader import ResumableLoader
-from smt.scoring import BlockScorer, check_accumulator_memory
+from smt.core.io import WriteFailedError, atomic_save_safetensors
+from smt.core.scoring import BlockScorer, check_accumulator_memory
+from smt.kernels.blocks import BlockGrid
+from smt.lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from smt.lightning.data.resume_loader import ResumableLoader
+from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -135,7 +135,7 @@ def test_an_exact_grad_abs_mean_warmup_that_does_not_fit_is_refused_with_the_che
 
 
 def test_out_of_disk_while_saving_a_delta_keeps_the_previous_file(tmp_path, monkeypatch):
-    import smt.io
+    import smt.core.io
 
     target = tmp_path / "delta.safetensors"
     atomic_save_safetensors({"a": torch.ones(2)}, target, {"format": "x"})
@@ -146,7 +146,7 @@ def test_out_of_disk_while_saving_a_delta_keeps_the_previous_file(tmp_path, monk
             handle.write(b"\x00" * 7)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(smt.io, "save_file", full_disk)
+    monkeypatch.setattr(smt.core.io, "save_file", full_disk)
     with pytest.raises(WriteFailedError, match=f"{target} was not written .No space left on device.") as caught:
         atomic_save_safetensors({"a": torch.zeros(2)}, target, {"format": "x"})
     assert "\n" not in str(caught.value)

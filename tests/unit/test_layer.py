@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from smt import Selection, SMTConfig, apply_selection
-from smt.blocks import BlockGrid
-from smt.model import get_bank, sparse_layers
+from smt.core.model import get_bank, sparse_layers
+from smt.kernels.blocks import BlockGrid
 
 GEOMETRIES = [  # (d_in, d_out, block): square, ragged, non-square, row strips, column strips
     (8, 8, (4, 4)),
@@ -39,7 +39,7 @@ def _conv1d(d_in, d_out):
 
 
 def _random_selection(out_f, in_f, block, k, name="proj"):
-    from smt.blocks import resolve_block_size
+    from smt.kernels.blocks import resolve_block_size
 
     grid = BlockGrid(out_f, in_f, *resolve_block_size(block, (out_f, in_f), name))
     index = grid.all_blocks()[torch.randperm(grid.num_blocks)[: min(k, grid.num_blocks)]]

@@ -8,8 +8,8 @@ import torch
 from helpers import tiny_gpt2, tiny_llama
 
 from smt import Selection, SMTConfig, apply_selection
-from smt.lora_export import REPORT_NAME, dense_deltas, export_lora, low_rank
-from smt.model import find_targets, get_bank, module_grids
+from smt.adapters.lora import REPORT_NAME, dense_deltas, export_lora, low_rank
+from smt.core.model import find_targets, get_bank, module_grids
 
 
 def test_low_rank_is_the_truncated_svd_of_the_covered_submatrix():
@@ -94,7 +94,7 @@ def test_rank_below_one_is_refused(tmp_path):
 
 def test_delta_file_on_its_base_converts_like_the_tuning_model(tmp_path):
     from smt import save_delta
-    from smt.lora_export import export_lora_from_file
+    from smt.adapters.lora import export_lora_from_file
 
     base, model = tuning_model(tiny_gpt2, CASES[1][1])
     path = save_delta(model, tmp_path / "d.safetensors", "org/tiny", "float32")

@@ -6,8 +6,9 @@ from helpers import TwoLayer, tiny_llama
 from lightning.pytorch import LightningModule
 
 from smt import SMTConfig, SparseMatrixTuning
-from smt.model import find_targets, module_grids, plan_pools
-from smt.patterns import name_matcher
+from smt.core.model import find_targets, module_grids, plan_pools
+from smt.core.patterns import name_matcher
+from smt.core.placement import train_densely
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -56,7 +57,7 @@ def test_trainable_modules_name_modules_or_parameters_in_full(pattern):
     module = _Head()
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules=pattern)
     callback._add_bank(module, callback.target(module))
-    callback._unfreeze_trainable(module)
+    train_densely(module, pattern, callback.target(module))  # what the callback's setup runs
     trained = {n for n, p in module.named_parameters() if p.requires_grad and "smt_bank" not in n}
     expected = {"head.up.bias"} if "bias" in str(pattern) else {"head.up.weight", "head.up.bias"}
     if pattern == r"head\..*":
@@ -69,4 +70,4 @@ def test_trainable_modules_written_for_search_are_refused_with_an_example():
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules="head")
     callback._add_bank(module, callback.target(module))
     with pytest.raises(ValueError, match=r"^smt\.trainable_modules='head'.*inside 'head\.up'; write 'head\.\*'$"):
-        callback._unfreeze_trainable(module)
+        train_densely(module, callback.trainable_modules, callback.target(module))

@@ -1,11 +1,10 @@
-"""``smt.progress`` on hand-made cases: the no-op checks without Lightning."""
+"""``smt.core.progress`` on hand-made cases: the no-op checks without Lightning."""
 
 import pytest
 import torch
 from torch import nn
 
-from smt.blocks import BlockGrid
-from smt.progress import (
+from smt.core.progress import (
     NothingTrainedError,
     ProgressCheck,
     check_gradients_reached,
@@ -13,7 +12,8 @@ from smt.progress import (
     refuse_all_zero_delta,
     slots_learning_rate_positive,
 )
-from smt.scoring import BlockScorer
+from smt.core.scoring import BlockScorer
+from smt.kernels.blocks import BlockGrid
 
 
 def scorer(name: str, total: torch.Tensor | None, criterion: str = "grad_sq") -> BlockScorer:

@@ -13,11 +13,12 @@ from helpers import TwoLayer
 from torch import nn
 
 from smt import BlockGrid, Selection, SMTConfig, apply_selection
-from smt.model import get_bank, inject, select_blocks, start_scoring
-from smt.quant import (
+from smt.adapters.merge import dequantized_state_dict
+from smt.core.model import get_bank, inject, merge_delta, merged, select_blocks, sparse_layers, start_scoring
+from smt.core.quant import (
     build_optimizer,
-    dequantized_state_dict,
     dequantized_weight,
+    is_quantized,
     keep_trainable,
     quant_state_keys,
     quantize_linear,
@@ -299,3 +300,38 @@ def test_bad_quantization_settings_are_one_line_errors(monkeypatch):
     ) as info:
         require_bitsandbytes("int8")
     assert "\n" not in str(info.value) and "model.quantization=none" in str(info.value)
+
+
+def test_one_answer_to_is_the_base_quantized():
+    """``is_quantized`` is the one test: bitsandbytes layers and their subclasses, 4-bit bytes stored as bf16
+    included (a dtype check would call that weight float), and any layer whose weight is not a float tensor."""
+    bf16_storage = bnb.nn.Linear4bit(64, 64, quant_storage=torch.bfloat16)
+    weight = bnb.nn.Params4bit(bf16_storage.weight.data, False, quant_storage=torch.bfloat16, module=bf16_storage)
+    bf16_storage.weight = weight
+    bf16_storage = bf16_storage.to("cpu")  # bitsandbytes quantizes on the move
+    assert bf16_storage.weight.dtype == torch.bfloat16 and is_quantized(bf16_storage)
+    assert is_quantized(bnb.nn.LinearNF4(64, 64)) and is_quantized(quantize_linear(nn.Linear(64, 64), "int8", None, 0))
+    int_weight = nn.Linear(4, 4)
+    int_weight.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    assert is_quantized(int_weight) and not is_quantized(nn.Linear(4, 4))
+    quantized, _ = quantized_and_dense("nf4", torch.float32, True)
+    apply_selection(quantized, selection())
+    assert all(layer.quantized for layer in sparse_layers(quantized).values())
+
+
+def test_merged_leaves_a_quantized_base_additive_and_merge_delta_refuses_it():
+    quantized, _ = quantized_and_dense("nf4", torch.float32, True)
+    apply_selection(quantized, selection())
+    with torch.no_grad():
+        for slot in get_bank(quantized).slots:
+            slot.normal_(0, 0.1)
+    x, before = torch.randn(3, 128), quantized_bytes(quantized)
+    with torch.no_grad():
+        tuned = quantized(x)
+        with merged(quantized):  # the quantized bytes cannot hold W0 + Δ: the forward keeps adding Δ
+            inside = quantized(x)
+    torch.testing.assert_close(inside, tuned, rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in quantized_bytes(quantized).items())
+    with pytest.raises(ValueError, match=r"^cannot merge into up \(Linear4bit\): quantized storage cannot hold"):
+        merge_delta(quantized)
+    assert get_bank(quantized) is not None  # nothing changed

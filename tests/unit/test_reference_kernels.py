@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan
 from smt.kernels import backend_for, reference
+from smt.kernels.blocks import BlockGrid, BlockPlan
 
 SHAPES = [  # (out, in, bo, bi): square, ragged both ways, non-square blocks, row and column strips
     (8, 8, 4, 4),

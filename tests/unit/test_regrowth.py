@@ -7,10 +7,10 @@ import torch
 from helpers import TwoLayer
 
 from smt import Selection, apply_selection
-from smt.blocks import BlockGrid
-from smt.config import RegrowthConfig
-from smt.model import get_bank, sparse_layers
-from smt.regrowth import Regrower, plan_swaps, regrowth_rate
+from smt.core.config import RegrowthConfig
+from smt.core.model import get_bank, sparse_layers
+from smt.core.regrowth import Regrower, plan_swaps, regrowth_rate
+from smt.kernels.blocks import BlockGrid
 
 
 def test_plan_swaps_hand_case():
@@ -139,7 +139,7 @@ def test_state_dict_round_trip_mid_window():
 
 
 def test_swap_counts_split_by_largest_remainder():
-    from smt.regrowth import swap_counts
+    from smt.core.regrowth import swap_counts
 
     assert swap_counts([3, 3, 0, 6], 0.16) == [1, 0, 0, 1]  # round(1.92) = 2: the largest remainders win
     assert swap_counts([10, 10], 0.2) == [2, 2]

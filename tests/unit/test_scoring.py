@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from smt import SMTConfig
-from smt.blocks import BlockGrid
-from smt.model import inject, sparse_layers, start_scoring
-from smt.scoring import BlockScorer
+from smt.core.model import inject, sparse_layers, start_scoring
+from smt.core.scoring import BlockScorer
+from smt.kernels.blocks import BlockGrid
 
 
 class Holder(nn.Module):

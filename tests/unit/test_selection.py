@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from smt import SMTConfig
-from smt.blocks import BlockGrid
-from smt.model import plan_pools
-from smt.selection import Pool, Selection, budget_blocks, select_top_k
+from smt.core.model import plan_pools
+from smt.core.selection import Pool, Selection, budget_blocks, select_top_k
+from smt.kernels.blocks import BlockGrid
 
 GRID = BlockGrid(16, 16, 4, 4)  # a 4×4-block weight
 

@@ -12,8 +12,8 @@ import torch
 from helpers import tiny_gpt2, tiny_llama
 
 from smt import Selection, SMTConfig, apply_selection, save_delta
-from smt.model import find_targets, get_bank, module_grids
-from smt.shira_export import export_shira, export_shira_from_file, shira_rank
+from smt.adapters.shira import export_shira, export_shira_from_file, shira_rank
+from smt.core.model import find_targets, get_bank, module_grids
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
 

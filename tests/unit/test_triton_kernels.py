@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smt.blocks import BlockGrid, BlockPlan
 from smt.kernels import backend_for, reference
+from smt.kernels.blocks import BlockGrid, BlockPlan
 
 SHAPES = [  # (out, in, bo, bi)
     pytest.param((8, 8, 4, 4), id="square"),

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smt.blocks import BlockGrid
+from smt.kernels.blocks import BlockGrid
 from smt.kernels.triton.tiling import dot_mode, gemm_tiles, mma
 
 REDUCTIONS = {"sum": 0, "abs": 1, "sq": 2}

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smt.blocks import BlockPlan
+from smt.kernels.blocks import BlockPlan
 from smt.kernels.triton.tiling import dot_mode, gemm_tiles, mma
 
 

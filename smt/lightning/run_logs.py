@@ -26,9 +26,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from smt.callbacks import SparseMatrixTuning
-from smt.heatmap import module_kind
-from smt.selection import Selection, assign_pools
+from smt.core.heatmap import module_kind
+from smt.core.selection import Selection, assign_pools
+from smt.lightning.callback import SparseMatrixTuning
 
 TABLE_COLUMNS = ("module", "pool", "layer", "kind", "grid", "blocks", "tuned_weights")
 
@@ -118,8 +118,8 @@ class SelectionReport(Callback):
 
     def report(self, trainer: Trainer, tuner, pl_module: LightningModule, folder: Path) -> None:
         """Write the scalars to every logger, the table and heatmap files to ``folder``, figures to TensorBoard."""
-        from smt.heatmap import selection_figure
-        from smt.model import trainable_summary
+        from smt.core.heatmap import selection_figure
+        from smt.core.summary import trainable_summary
 
         selection, step = tuner.selection, trainer.global_step
         pools = {name: pool.pattern for name, pool in (tuner.config.pools or {}).items()}

@@ -58,9 +58,9 @@ class SMTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given.
 
-        An unset (or ``true``) ``trainer.logger`` becomes ``smt.lightning.run_logs.default_logger`` (TensorBoard, else CSV,
-        under ``default_root_dir``); with any logger on, a ``LearningRateMonitor`` and the ``SelectionReport``
-        join the callbacks. ``logger: false`` turns all of it off.
+        An unset (or ``true``) ``trainer.logger`` becomes ``smt.lightning.run_logs.default_logger`` (TensorBoard,
+        else CSV, under ``default_root_dir``); with any logger on, a ``LearningRateMonitor`` and the
+        ``SelectionReport`` join the callbacks. ``logger: false`` turns all of it off.
         """
         config = self._get(self.config_init, "trainer", default={})
         plugins = kwargs.pop("plugins", config.get("plugins"))

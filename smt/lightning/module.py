@@ -10,6 +10,7 @@ transformers model inside, so delta files carry the model's own module names.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 

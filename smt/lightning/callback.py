@@ -244,7 +244,8 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            self.selection = relative_selection(read_selection(self.selection_path), self._moved_from_root)
+            saved = read_selection(self.selection_path)
+            self.selection = relative_selection(saved, self._moved_from_root, dict(network.named_modules()))
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)
@@ -271,8 +272,9 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                state = relative_regrowth_state(self._pending_regrowth, self._moved_from_root)
-                self.regrower.load_state_dict(state, self.target(pl_module))
+                network, pending = self.target(pl_module), self._pending_regrowth
+                state = relative_regrowth_state(pending, self._moved_from_root, get_bank(network).module_names)
+                self.regrower.load_state_dict(state, network)
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -431,7 +433,7 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root).items():
+        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root, self._scorers).items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None

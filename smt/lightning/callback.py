@@ -100,8 +100,8 @@ class SparseMatrixTuning(Callback):
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
-        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``,
-            ``random`` (see ``smt.core.scoring``).
+        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``grad_snr``,
+            ``grad_sq_xnorm``, ``weight_abs_mean``, ``random`` (see ``smt.core.scoring``).
         accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
         forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
         kernel: ``auto``, ``torch`` or ``triton``.

@@ -199,6 +199,11 @@ class SparseMatrixTuning(Callback):
         return path
 
     @property
+    def network_config(self) -> SMTConfig:
+        """``config`` with its patterns as exact names in the network that holds the bank (what the selection names)."""
+        return self._network_config
+
+    @property
     def _moved_from_root(self) -> str:
         """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
         return self._network_path or ""

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.adapters.merge import save_merged
-from smt.core.model import get_bank, merged
+from smt.core.model import DTYPES, get_bank, merged
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 from smt.core.quant import (
     OPTIMIZERS,
@@ -36,7 +36,6 @@ from smt.lightning.hub import from_pretrained
 from smt.lightning.loss import IGNORE_INDEX, labelled_positions_loss
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_TOKENIZERS = ("bytes",)
 
 

@@ -10,7 +10,6 @@ transformers model inside, so delta files carry the model's own module names.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -255,13 +254,9 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        with self._tuned_in_place():
+        with merged(self.model):  # W0 + Δ in the weights (a quantized base adds Δ)
             correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
-
-    def _tuned_in_place(self):
-        """``W0 + Δ`` written into the weights while inside (exact, no per-call copy); a quantized base adds Δ."""
-        return merged(self.model) if get_bank(self.model) is not None else nullcontext()
 
     def _judge_batch(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import judge
@@ -296,7 +291,7 @@ class SMTLanguageModel(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, str]]:
         """Greedy responses (``max_new_tokens`` long) to the test prompts: ``smt predict`` and the quickstart."""
-        with self._tuned_in_place():
+        with merged(self.model):  # W0 + Δ in the weights (a quantized base adds Δ)
             responses = self._generate(batch)
         return [
             {"prompt": prompt, "response": response, "reference": reference}

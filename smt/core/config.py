@@ -5,13 +5,12 @@ Every check runs in ``__post_init__`` and fails with one line that names the fie
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from smt.core.scoring import CRITERIA  # the registry: a criterion added with register_criterion is accepted here
 from smt.kernels import KERNEL_CHOICES
 
-CRITERIA = (
-    "grad_sq", "grad_mean_abs", "grad_abs_mean", "grad_l1", "weight_abs_mean", "random", "grad_snr", "grad_sq_xnorm"
-)  # fmt: skip
 FORWARD_MODES = ("auto", "materialize", "additive")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DENSITY = 0.01
@@ -66,7 +65,9 @@ class SMTConfig:
     """Block score: ``grad_sq`` (Σ of squared block gradients per micro-batch, memory-light), ``grad_mean_abs``
     (|mean of the summed gradient|, memory-light), ``grad_abs_mean`` (mean |summed gradient|, SMT's README
     choice: exact, keeps one fp32 accumulator the size of each weight), ``grad_l1`` (Σ|block gradient| per
-    micro-batch, the memory-light upper bound of ``grad_abs_mean``), ``weight_abs_mean``, ``random``."""
+    micro-batch, the memory-light upper bound of ``grad_abs_mean``), ``grad_snr`` (mean per-weight signal-to-noise
+    of the tokens' gradients: scale-free), ``grad_sq_xnorm`` (``grad_sq`` over the energy of the block's input
+    columns), ``weight_abs_mean``, ``random`` (see ``smt.core.scoring``)."""
     accumulator_device: str | None = None
     """Where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` offloads them); None = with the weight."""
     forward: str = "auto"
@@ -121,7 +122,7 @@ def _check_budget(num_blocks: int | None, density: float | None, prefix: str, re
         raise ValueError(f"{prefix}.density={density} must be in (0, 1], e.g. 0.01 for 1 %")
 
 
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+def _check_choice(value: str, choices: Collection[str], name: str) -> None:
     if value not in choices:
         raise ValueError(f"smt.{name}={value!r} is not one of {', '.join(choices)}")
 

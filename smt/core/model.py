@@ -234,6 +234,7 @@ def start_scoring(model: nn.Module, config: SMTConfig) -> dict[str, BlockScorer]
 
 
 def stop_scoring(model: nn.Module) -> None:
+    """Detach every wrapped layer's ``BlockScorer`` (the forward stops tapping scores)."""
     for layer in sparse_layers(model).values():
         layer.scorer = None
 

@@ -14,6 +14,7 @@ Runs written before this placement kept the bank on the LightningModule (keys ``
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 
 from torch import nn
@@ -117,29 +118,39 @@ def relocate_root_bank(state_dict: dict, prefix: str) -> None:
         state_dict[f"{prefix}.{key}"] = value
 
 
-def relative_names(by_name: dict, prefix: str) -> dict:
-    """``{name: value}`` with ``<prefix>.`` taken off names saved relative to the root (old placement)."""
-    if not prefix or not by_name or not all(name.startswith(prefix + ".") for name in by_name):
+def relative_names(by_name: dict, prefix: str, known: Collection[str] = ()) -> dict:
+    """``{name: value}`` with ``<prefix>.`` taken off names saved relative to the root (old placement).
+
+    Names that are all in ``known`` (the holder's own names) are kept as they are: a network's names may start with
+    the attribute that holds it (``model.layers…`` inside ``module.model``) without being root-relative.
+    """
+    if not prefix or not by_name or all(name in known for name in by_name):
+        return by_name
+    if not all(name.startswith(prefix + ".") for name in by_name):
         return by_name
     return {name.removeprefix(prefix + "."): value for name, value in by_name.items()}
 
 
-def relative_regrowth_state(state: dict, prefix: str) -> dict:
+def relative_regrowth_state(state: dict, prefix: str, known: Collection[str] = ()) -> dict:
     """A ``Regrower.state_dict()`` with its per-module entries named relative to ``prefix`` (see ``relative_names``)."""
-    return {**state, "scorers": relative_names(state["scorers"], prefix), "ema": relative_names(state["ema"], prefix)}
+    return {
+        **state,
+        "scorers": relative_names(state["scorers"], prefix, known),
+        "ema": relative_names(state["ema"], prefix, known),
+    }
 
 
-def relative_selection(selection: Selection, prefix: str) -> Selection:
+def relative_selection(selection: Selection, prefix: str, known: Collection[str] = ()) -> Selection:
     """A selection saved with root-relative names (old placement), renamed for the holder at ``prefix``."""
-    grids = relative_names(selection.grids, prefix)
+    grids = relative_names(selection.grids, prefix, known)
     if grids is selection.grids:
         return selection
     return Selection(
-        relative_names(selection.blocks, prefix),
+        relative_names(selection.blocks, prefix, known),
         grids,
         selection.criterion,
         selection.budget,
         selection.warmup_steps,
         selection.model_id,
-        None if selection.scores is None else relative_names(selection.scores, prefix),
+        None if selection.scores is None else relative_names(selection.scores, prefix, known),
     )

@@ -100,8 +100,8 @@ class SparseMatrixTuning(Callback):
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
-        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``weight_abs_mean``,
-            ``random`` (see ``smt.core.scoring``).
+        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``grad_snr``,
+            ``grad_sq_xnorm``, ``weight_abs_mean``, ``random`` (see ``smt.core.scoring``).
         accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
         forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
         kernel: ``auto``, ``torch`` or ``triton``.
@@ -199,6 +199,11 @@ class SparseMatrixTuning(Callback):
         return path
 
     @property
+    def network_config(self) -> SMTConfig:
+        """``config`` with its patterns as exact names in the network that holds the bank (what the selection names)."""
+        return self._network_config
+
+    @property
     def _moved_from_root(self) -> str:
         """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
         return self._network_path or ""
@@ -244,7 +249,8 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            self.selection = relative_selection(read_selection(self.selection_path), self._moved_from_root)
+            saved = read_selection(self.selection_path)
+            self.selection = relative_selection(saved, self._moved_from_root, dict(network.named_modules()))
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)
@@ -271,8 +277,9 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                state = relative_regrowth_state(self._pending_regrowth, self._moved_from_root)
-                self.regrower.load_state_dict(state, self.target(pl_module))
+                network, pending = self.target(pl_module), self._pending_regrowth
+                state = relative_regrowth_state(pending, self._moved_from_root, get_bank(network).module_names)
+                self.regrower.load_state_dict(state, network)
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -431,7 +438,7 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root).items():
+        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root, self._scorers).items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None

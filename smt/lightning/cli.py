@@ -56,7 +56,7 @@ class SMTCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "guard")  # --guard.max_consecutive N (0 = only skip)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with atomic verified checkpoints (``smt.checkpoint_io``) unless a CheckpointIO is given.
+        """The trainer, with atomic verified checkpoints (``smt.lightning.checkpoint_io``) unless given a CheckpointIO.
 
         An unset (or ``true``) ``trainer.logger`` becomes ``smt.lightning.run_logs.default_logger`` (TensorBoard,
         else CSV, under ``default_root_dir``); with any logger on, a ``LearningRateMonitor`` and the

@@ -50,6 +50,7 @@ def zeroed_scorer_states(states: dict[str, dict]) -> dict[str, dict]:
 
 
 def zeroed_regrowth_state(state: dict) -> dict:
+    """``zeroed_scorer_states`` for a ``Regrower.state_dict()``: its window scores and EMA zeroed, shapes kept."""
     return {
         **state,
         "scorers": zeroed_scorer_states(state["scorers"]),

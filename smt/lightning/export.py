@@ -52,6 +52,29 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def run_export(args: list[str]) -> None:
     """``smt export CKPT [--delta OUT] [--merged DIR] [--peft DIR] [--lora RANK --lora_out DIR] [--dtype bfloat16]``."""
+    options = _export_options(args)
+    module = model_from_checkpoint(options.checkpoint)
+    bank = get_bank(module.model)
+    if bank is None or not bank.tuning:
+        raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
+    refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"export {options.checkpoint}")
+    if options.delta:
+        print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
+    if options.peft:
+        from smt.adapters.shira import export_shira
+
+        report = export_shira(module.model, options.peft, module.hparams.model, DTYPES[options.dtype])
+        print(f"PEFT SHiRA adapter written to {options.peft}: {report}")
+    if options.lora is not None:
+        _export_lora(module, options)
+    if options.merged and options.requantize:
+        _export_requantized(module, options.merged)
+    elif options.merged:
+        print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    """The options of ``smt export`` (what ``smt export --help`` prints)."""
     parser = argparse.ArgumentParser(
         prog="smt export",
         description="Write the delta file, merged model, PEFT SHiRA adapter and/or LoRA adapter of a checkpoint.",
@@ -78,7 +101,17 @@ def run_export(args: list[str]) -> None:
         choices=[*DTYPE_ALIASES.values(), *DTYPE_ALIASES],
         help="storage dtype of the delta file and adapter weights (fp32: the SHiRA adapter reproduces the tuned model)",
     )
-    options = parser.parse_args(args)
+    return parser
+
+
+def _export_options(args: list[str]) -> argparse.Namespace:
+    """``smt export``'s parsed options (``--dtype`` spelled out), refused in one line when they ask for nothing.
+
+    Raises:
+        ValueError: no output named, ``--lora`` without ``--lora_out`` (or the reverse), ``--requantize`` without
+            ``--merged``, or a rank below 1.
+    """
+    options = _export_parser().parse_args(args)
     options.dtype = DTYPE_ALIASES.get(options.dtype, options.dtype)
     if not options.delta and not options.merged and not options.peft and options.lora is None:
         raise ValueError("smt export needs --delta OUT, --merged DIR, --peft DIR and/or --lora RANK --lora_out DIR")
@@ -88,24 +121,7 @@ def run_export(args: list[str]) -> None:
         raise ValueError("smt export --requantize needs --merged DIR (the folder the re-quantized model goes to)")
     if options.lora is not None and options.lora < 1:
         raise ValueError(f"smt export --lora {options.lora}: the rank must be at least 1")
-    module = model_from_checkpoint(options.checkpoint)
-    bank = get_bank(module.model)
-    if bank is None or not bank.tuning:
-        raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
-    refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"export {options.checkpoint}")
-    if options.delta:
-        print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
-    if options.peft:
-        from smt.adapters.shira import export_shira
-
-        report = export_shira(module.model, options.peft, module.hparams.model, DTYPES[options.dtype])
-        print(f"PEFT SHiRA adapter written to {options.peft}: {report}")
-    if options.lora is not None:
-        _export_lora(module, options)
-    if options.merged and options.requantize:
-        _export_requantized(module, options.merged)
-    elif options.merged:
-        print(f"merged model written to {save_merged(module.model, module.tokenizer, options.merged)}")
+    return options
 
 
 def _export_requantized(module, folder: str) -> None:

@@ -10,7 +10,6 @@ transformers model inside, so delta files carry the model's own module names.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.adapters.merge import save_merged
-from smt.core.model import get_bank, merged
+from smt.core.model import DTYPES, get_bank, merged
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 from smt.core.quant import (
     OPTIMIZERS,
@@ -36,7 +35,6 @@ from smt.lightning.hub import from_pretrained
 from smt.lightning.loss import IGNORE_INDEX, labelled_positions_loss
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN_TOKENIZERS = ("bytes",)
 
 
@@ -256,13 +254,9 @@ class SMTLanguageModel(LightningModule):
         from smt.eval import get_task
 
         specs = [get_task(task) for task in batch["task"]]
-        with self._tuned_in_place():
+        with merged(self.model):  # W0 + Δ in the weights (a quantized base adds Δ)
             correct = self._judge_batch(batch, specs)
         self._test_tracker.update_many(list(batch["task"]), correct)
-
-    def _tuned_in_place(self):
-        """``W0 + Δ`` written into the weights while inside (exact, no per-call copy); a quantized base adds Δ."""
-        return merged(self.model) if get_bank(self.model) is not None else nullcontext()
 
     def _judge_batch(self, batch: dict, specs: list) -> list[bool]:
         from smt.eval import judge
@@ -297,7 +291,7 @@ class SMTLanguageModel(LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, str]]:
         """Greedy responses (``max_new_tokens`` long) to the test prompts: ``smt predict`` and the quickstart."""
-        with self._tuned_in_place():
+        with merged(self.model):  # W0 + Δ in the weights (a quantized base adds Δ)
             responses = self._generate(batch)
         return [
             {"prompt": prompt, "response": response, "reference": reference}

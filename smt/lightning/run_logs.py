@@ -122,7 +122,7 @@ class SelectionReport(Callback):
         from smt.core.summary import trainable_summary
 
         selection, step = tuner.selection, trainer.global_step
-        pools = {name: pool.pattern for name, pool in (tuner.config.pools or {}).items()}
+        pools = {name: pool.pattern for name, pool in (tuner.network_config.pools or {}).items()}  # as selection names
         rows = selection_table(selection, pools)
         metrics = selection_metrics(rows, trainable_summary(tuner.target(pl_module)).trainable)
         for logger in trainer.loggers:

@@ -94,3 +94,50 @@ def test_several_banks_are_named_not_guessed():
     inject(module.other, smt_config)
     with pytest.raises(ValueError, match=r"^net, other each carry an smt bank; call this on one of them$"):
         get_bank(module)
+
+
+class Wrapped(torch.nn.Module):
+    """A network whose own names start with the LightningModule's attribute (``net.up`` inside ``module.net``), as
+    ``model.layers…`` inside ``module.model`` for a transformers causal LM."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class WrappedRegressor(Regressor):
+    def build_net(self) -> torch.nn.Module:
+        return Wrapped(super().build_net())
+
+
+def run_wrapped(root, ckpt_path=None, selection_path=None):
+    seed_everything(0)
+    module = WrappedRegressor("trainable")
+    smt = SparseMatrixTuning(
+        target_modules=["up", "down"], block_size=4, num_blocks=3, warmup_steps=0 if selection_path else WARMUP,
+        selection_path=selection_path,
+    )  # fmt: skip
+    checkpoints = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = Trainer(max_steps=MAX_STEPS, callbacks=[smt, checkpoints], **(QUIET | {"enable_checkpointing": True}))
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, smt
+
+
+def test_network_names_that_start_with_the_attribute_are_not_renamed(tmp_path):
+    """``net.up`` inside ``module.net`` is already the network's name: a saved selection and a resume inside the
+    warm-up keep it (taking ``net.`` off as for an old root-relative name lost the warm-up's scores)."""
+    module, smt = run_wrapped(tmp_path / "reference")
+    assert bank_holder(module) is module.net and set(smt.selection.grids) == {"net.up", "net.down"}
+    path = smt.selection.save(tmp_path / "selection.safetensors")
+
+    _, reuse = run_wrapped(tmp_path / "reuse", selection_path=str(path))
+    assert {n: b.tolist() for n, b in reuse.selection.blocks.items()} == {
+        n: b.tolist() for n, b in smt.selection.blocks.items()
+    }
+
+    resumed, _ = run_wrapped(tmp_path / "resumed", ckpt_path=tmp_path / "reference" / "step=2.ckpt")
+    for slot, expected in zip(get_bank(resumed).slots, get_bank(module).slots, strict=True):
+        assert torch.equal(slot, expected)

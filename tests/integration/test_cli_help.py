@@ -27,3 +27,14 @@ def test_unknown_command_names_the_real_ones(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'frobnicate'" in err and "select" in err and "merge" in err
+
+
+def test_fit_help_names_every_registered_criterion(capsys):
+    """``--smt.criterion``'s help is a docstring: a criterion added to the registry must be added there too."""
+    from smt.core.scoring import CRITERIA
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    criterion_help = out[out.index("--smt.criterion CRITERION block score:") :].split("(type:")[0]
+    assert [name for name in CRITERIA if f"``{name}``" not in criterion_help] == []

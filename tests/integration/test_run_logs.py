@@ -122,3 +122,17 @@ def test_logger_false_adds_no_logging_callbacks(train_file):
                          "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])  # fmt: skip
     assert cli.trainer.loggers == []
     assert not any(isinstance(cb, (SelectionReport, LearningRateMonitor)) for cb in cli.trainer.callbacks)
+
+
+def test_pools_written_against_the_lightning_modules_names_are_reported(tmp_path):
+    """Pool regexes match the LightningModule's names (``net\\.up``); the bank's names are the network's (``up``):
+    the report groups by the patterns the callback turned into the network's names, not the ones written."""
+    from lightning.pytorch import Trainer
+    from plain_modules import QUIET, Regressor
+
+    pools = {"first": {"pattern": r"net\.up", "num_blocks": 1}, "second": {"pattern": r"net\.down", "num_blocks": 1}}
+    tuner = SparseMatrixTuning(target_modules=["up", "down"], block_size=4, warmup_steps=2, pools=pools)
+    logger = CSVLogger(tmp_path)
+    Trainer(max_steps=3, callbacks=[tuner, SelectionReport()], **(QUIET | {"logger": logger})).fit(Regressor())
+    table = list(csv.DictReader((tmp_path / "lightning_logs" / "version_0" / "selection.csv").open()))
+    assert {row["module"]: row["pool"] for row in table} == {"up": "first", "down": "second"}

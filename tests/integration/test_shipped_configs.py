@@ -122,6 +122,8 @@ OLD_CLASS_PATHS = [  # written in YAML files and configs before the modules move
     ("smt.checkpoint_io.AtomicCheckpointIO", "smt.lightning.checkpoint_io.AtomicCheckpointIO"),
     ("smt.checkpoint_io.PreemptionCheckpoint", "smt.lightning.checkpoint_io.PreemptionCheckpoint"),
     ("smt.config.RegrowthConfig", "smt.core.config.RegrowthConfig"),
+    ("smt.run_logs.SelectionReport", "smt.lightning.run_logs.SelectionReport"),  # callbacks/smt-report.yaml had it
+    ("smt.heatmap.selection_figure", "smt.core.heatmap.selection_figure"),
 ]
 
 

@@ -132,6 +132,15 @@ def test_config_errors_name_the_field(kwargs, message):
     _one_line(err)
 
 
+def test_config_takes_every_registered_criterion(monkeypatch):
+    """``SMTConfig.criterion`` is checked against the scoring registry itself, so a registered criterion is accepted."""
+    from smt.core import scoring
+
+    monkeypatch.setitem(scoring.CRITERIA, "mine", scoring.Criterion("mine", None, lambda acc, grid, weight: None))
+    assert SMTConfig(criterion="mine").criterion == "mine"
+    assert {"grad_snr", "grad_sq_xnorm"} <= set(scoring.CRITERIA)
+
+
 def test_delta_for_another_model_is_refused_without_changes(tmp_path):
     _, model, _ = _tuned(tiny_llama, CONFIGS[0][1])
     path = save_delta(model, tmp_path / "d.safetensors")

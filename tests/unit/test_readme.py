@@ -39,3 +39,23 @@ def test_readme_own_lightning_module_to_merged_model_runs(tmp_path, monkeypatch)
         base = namespace["AutoModelForCausalLM"].from_pretrained("base").eval()(input_ids=ids).logits
     assert not torch.allclose(base, expected, atol=1e-4)  # the delta changed the model
     assert not hasattr(module.model, "smt_bank") and namespace["smt"].selection.num_blocks == 4
+
+
+def test_readme_debug_fit_line_gives_a_valid_callback(capsys, monkeypatch):
+    """The README's ``smt fit --config configs/debug.yaml …`` line parses, and its ``--smt.*`` overrides build the
+    callback (a density on top of the config's num_blocks must unset it: both set is refused)."""
+    import shlex
+
+    import yaml
+
+    from smt.lightning.callback import SparseMatrixTuning
+    from smt.lightning.cli import main
+
+    line = next(text for text in README.read_text().splitlines() if text.startswith("smt fit --config configs/debug"))
+    monkeypatch.chdir(README.parent)
+    try:
+        main([*shlex.split(line.split("#")[0])[1:], "--print_config"])
+    except SystemExit as stop:
+        assert stop.code in (0, None), capsys.readouterr().err
+    smt = yaml.safe_load(capsys.readouterr().out)["smt"]
+    assert SparseMatrixTuning(**smt).config.density == 0.02

@@ -96,13 +96,10 @@ def generated_problem(rng: random.Random) -> dict:
 
 
 def bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 weights beat fp32 ones."""
-    import torch
+    """Whether this CPU multiplies bf16 natively, so bf16 weights beat fp32 ones."""
+    from smt.kernels import cpu_bf16_is_fast
 
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes (private names)
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in native)
+    return cpu_bf16_is_fast()
 
 
 def build_cli(overrides: list[str]):

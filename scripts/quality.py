@@ -656,11 +656,31 @@ Raw results: `docs/quality/raw/<task>/<targets>-<budget>/<arm>/seed<S>-lr<LR>.js
 """
 
 
+def precision_check(out: Path) -> str:
+    """The same cells trained in fp32 and in bf16-mixed, side by side: how much the precision moves the metrics."""
+    fp32 = {_same_run(r): r for r in load_results(out, "32-true")}
+    pairs = [(fp32[_same_run(r)], r) for r in load_results(out, "bf16-mixed") if _same_run(r) in fp32]
+    if not pairs:
+        return ""
+    lines = ["### precision check: the same cells trained in fp32 and in bf16-mixed", "",
+             "| task | arm | LR | val NLL fp32 → bf16 | test NLL fp32 → bf16 | WikiText NLL fp32 → bf16 |",
+             "|---|---|---:|---|---|---|"]  # fmt: skip
+    for a, b in pairs:
+        moves = [f"{a['metrics'][k]:.4f} → {b['metrics'][k]:.4f}" for k in ("val_nll", "test_nll", "wiki_nll")]
+        lines.append(f"| {a['cell']['task']} | {a['cell']['arm']} | {a['cell']['lr']:g} | " + " | ".join(moves) + " |")
+    return "\n".join([*lines, ""])
+
+
+def _same_run(record: dict) -> tuple:
+    c = record["cell"]
+    return c["task"], c["arm"], c["lr"], c["seed"], c["targets"], c["budget"], c["steps"]
+
+
 def report(harness: Harness, out_md: Path) -> str:
     results = load_results(harness.out, harness.precision)
     bases = {p.parent.name: json.loads(p.read_text()) for p in harness.out.glob("*/base.json")}
     rows = summarize(results, bases)
-    text = markdown(rows)
+    text = markdown(rows) + "\n" + precision_check(harness.out)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(REPORT_HEADER + text)
     if rows:

@@ -14,7 +14,7 @@ criterion           score of block b (n_b = its real size)      state kept per m
 ``weight_abs_mean`` Σ|W[b]| / n_b                               none
 ``random``          uniform, seeded by (seed, module name)      none
 ``grad_snr``        Σ_mb mean_{i∈b} |G_mb,i| / √(Σ_t G_t,i²)    ``[n_rb, n_cb]``
-``grad_sq_xnorm``   Σ_mb ‖G_mb[b]‖² / Σ_mb Σ_t ‖x_t[cols_b]‖²   ``[2, n_rb, n_cb]``
+``grad_sq_xnorm``   Σ_mb ‖G_mb[b]‖² / (r_b Σ_mb Σ_t ‖x_t[cols_b]‖²)  ``[2, n_rb, n_cb]``
 ==================  ==========================================  ===============================
 
 ``G_t = g_tᵀx_t`` is one token's gradient. ``grad_snr`` is the mean per-element signal-to-noise ratio of the
@@ -22,8 +22,8 @@ tokens' gradients, ``|Σ_t G_t| / √(Σ_t G_t²)``: ~1 when the tokens disagree
 It is what an Adam-like optimiser can use (a consistent direction), and unlike ``grad_sq`` it does not grow
 with the input's scale: scaling an input column or an output row by c leaves it unchanged, so outlier
 activation channels (a few input features carrying most of the energy in LLMs) do not take the whole budget.
-``grad_sq_xnorm`` divides ``grad_sq`` by the energy of the input columns the block reads, removing that one
-factor only. Both are memory-light (block-sized state; the snr tap forms ``G`` and ``(g²)ᵀ(x²)`` a few row
+``grad_sq_xnorm`` divides ``grad_sq`` by the energy of the input columns the block reads (per element: r_b is the
+block's row count), removing that one factor only. Both are memory-light (block-sized state; the snr tap forms ``G`` and ``(g²)ᵀ(x²)`` a few row
 blocks at a time during the warm-up only).
 
 ``grad_abs_mean`` is not linear in g, so it cannot be reduced per micro-batch: the exact value needs the
@@ -120,7 +120,11 @@ def _xnorm_tap(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, ops, scale: f
     if not _unit(scale):
         energy = energy / (scale * scale)
     columns = reference._segment_sums(x.float().square(), grid.block_cols, grid.n_col_blocks).sum(0)
-    return torch.stack([energy, columns.expand(grid.n_row_blocks, -1)])
+    # × the block's row count, so the ratio is per element: a ragged last row block is not ranked lower for
+    # holding fewer rows (the column energy already counts the block's columns).
+    rows = torch.full((grid.n_row_blocks,), float(grid.block_rows), device=x.device)
+    rows[-1] = grid.out_features - grid.block_rows * (grid.n_row_blocks - 1)
+    return torch.stack([energy, rows[:, None] * columns])
 
 
 def _ratio(acc: torch.Tensor, grid: BlockGrid, weight: torch.Tensor | None) -> torch.Tensor:

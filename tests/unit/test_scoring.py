@@ -84,7 +84,9 @@ def _expected_scale_free(criterion, per_token, grid, x2d_list):
     numerator = sum(grid.reduce_tiles(tokens.sum(0), "sq") for tokens in per_token)
     starts = range(0, grid.in_features, grid.block_cols)
     energy = sum(torch.stack([x[:, c : c + grid.block_cols].square().sum() for c in starts]) for x in x2d_list)
-    return numerator / energy.expand(grid.n_row_blocks, -1)
+    rows = torch.tensor([len(range(r, min(r + grid.block_rows, grid.out_features)))
+                         for r in range(0, grid.out_features, grid.block_rows)], dtype=torch.float32)  # fmt: skip
+    return numerator / (rows[:, None] * energy)
 
 
 @pytest.mark.parametrize("criterion", ["grad_snr", "grad_sq_xnorm"])
@@ -126,6 +128,17 @@ def test_scale_free_scores_ignore_an_outlier_input_channel(criterion):
     else:  # only the input energy is divided out: the ranking within each column block is kept
         assert torch.allclose(loud_scores.argsort(0), quiet_scores.argsort(0))
         assert loud_scores[:, 0].max() < 50 * quiet_scores.max()
+
+
+@pytest.mark.parametrize("criterion", ["grad_snr", "grad_sq_xnorm", "grad_sq"])
+def test_scores_are_per_element_on_ragged_blocks(criterion):
+    """Uniform gradients score every block alike, the short last row and column blocks included."""
+    grid = BlockGrid(6, 7, 4, 4)
+    scorer = BlockScorer(grid, criterion, name="m")
+    scorer.observe(torch.ones(5, 6), torch.ones(5, 7))
+    scorer.commit()
+    scores = scorer.scores()
+    assert torch.allclose(scores, scores[0, 0].expand_as(scores)), scores
 
 
 def test_first_layer_with_frozen_input_is_scored():

@@ -27,7 +27,7 @@ module wrap the step-wise lambda with ``smt.lightning.schedules.after_warmup`` (
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -193,10 +193,15 @@ class SparseMatrixTuning(Callback):
     def _holding_attribute(self, pl_module: LightningModule) -> str:
         """Where the bank goes by default: the attribute holding the targets (or a saved selection's modules)."""
         if self.selection_path:  # the selection names the modules; target_modules are not used then
-            return holding_attribute_of(pl_module, list(read_selection(self.selection_path).grids))
+            return holding_attribute_of(pl_module, list(self._saved_selection.grids))
         path = holding_attribute(pl_module, self.config.target_modules)
         self._network_config = config_for_holder(self.config, pl_module, path)
         return path
+
+    @cached_property
+    def _saved_selection(self):
+        """The selection at ``selection_path``, read once (placement and injection both need it)."""
+        return read_selection(self.selection_path)
 
     @property
     def network_config(self) -> SMTConfig:
@@ -249,8 +254,7 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            saved = read_selection(self.selection_path)
-            self.selection = relative_selection(saved, self._moved_from_root, dict(network.named_modules()))
+            self.selection = relative_selection(self._saved_selection, self._moved_from_root, dict(network.named_modules()))
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)

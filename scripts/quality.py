@@ -439,8 +439,7 @@ SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnor
 PLANS = {
     "sweep": [*HEADLINE[:4], "smt:grad_sq_xnorm", "full"],
     "headline": HEADLINE,
-    # the arms the targets compare (LoRA, the default SMT candidate, random blocks), swept and seeded first
-    "core": ["lora", "smt:random", "smt:grad_snr"],
+    "core": HEADLINE[:4],  # the arms the targets compare: LoRA, SMT's two candidate defaults, random blocks
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
 }
 

@@ -456,10 +456,10 @@ def result_path(cell: Cell, harness: Harness) -> Path:
     return harness.out / cell.key()
 
 
-def load_results(out: Path, precision: str) -> list[dict]:
-    """Every cached result trained at ``precision`` (records from before the field existed are fp32)."""
+def load_results(out: Path, precision: str | None = None) -> list[dict]:
+    """Every cached result trained at ``precision`` (None: all; records from before the field existed are fp32)."""
     records = [json.loads(p.read_text()) for p in sorted(out.rglob("*.json")) if p.name != "base.json"]
-    return [r for r in records if r["cell"].get("precision", "32-true") == precision]
+    return [r for r in records if precision is None or r["cell"].get("precision", "32-true") == precision]
 
 
 def best_lr(results: list[dict], task: str, arm: str, targets: str, budget: str) -> float | None:
@@ -475,7 +475,7 @@ def _matches(r: dict, task: str, arm: str, targets: str, budget: str) -> bool:
 
 
 def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: str, steps: int,
-                precision: str) -> list[Cell]:  # fmt: skip
+                precision: str = "bf16-mixed") -> list[Cell]:  # fmt: skip
     """The next seed-0 LRs to try: the grid, then one step (×3) beyond an edge that is still the best."""
     grid = LR_GRID.get(arm, LR_GRID["default"])
     done = {r["cell"]["lr"] for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0}

@@ -50,6 +50,16 @@ def test_every_arm_trains_at_the_same_budget(tiny_run):
     assert alpaca["smt:grad_sq"]["selection"]["blocks"] == budget // 256
 
 
+def test_results_are_cached_per_training_precision(tiny_run, quality):
+    out, results, _ = tiny_run
+    precision = results[0]["cell"]["precision"]
+    assert precision == quality.resolve_precision("auto") and {r["cell"]["precision"] for r in results} == {precision}
+    other = "32-true" if precision == "bf16-mixed" else "bf16-mixed"
+    assert quality.load_results(out / "raw", other) == []  # a study at the other precision starts afresh
+    lora = quality.Cell("alpaca", "lora", 1e-3)
+    assert lora.key() != quality.Cell("alpaca", "lora", 1e-3, precision="32-true").key()
+
+
 def test_task_specific_metrics_are_reported(tiny_run):
     _, results, markdown = tiny_run
     by_task = {r["cell"]["task"]: r["metrics"] for r in results}

@@ -22,9 +22,9 @@ tokens' gradients, ``|Σ_t G_t| / √(Σ_t G_t²)``: ~1 when the tokens disagree
 It is what an Adam-like optimiser can use (a consistent direction), and unlike ``grad_sq`` it does not grow
 with the input's scale: scaling an input column or an output row by c leaves it unchanged, so outlier
 activation channels (a few input features carrying most of the energy in LLMs) do not take the whole budget.
-``grad_sq_xnorm`` divides ``grad_sq`` by the energy of the input columns the block reads (per element: r_b is the
-block's row count), removing that one factor only. Both are memory-light (block-sized state; the snr tap forms ``G`` and ``(g²)ᵀ(x²)`` a few row
-blocks at a time during the warm-up only).
+``grad_sq_xnorm`` divides ``grad_sq`` by the energy of the input columns the block reads (per element: r_b is
+the block's row count), removing that one factor only. Both are memory-light (block-sized state; the snr tap
+forms ``G`` and ``(g²)ᵀ(x²)`` a few row blocks at a time during the warm-up only).
 
 ``grad_abs_mean`` is not linear in g, so it cannot be reduced per micro-batch: the exact value needs the
 summed gradient of the whole weight (4 bytes per weight, e.g. 6.5 GB for LLaMA-7B's q, k, v, which

@@ -254,7 +254,8 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            self.selection = relative_selection(self._saved_selection, self._moved_from_root, dict(network.named_modules()))
+            names = dict(network.named_modules())
+            self.selection = relative_selection(self._saved_selection, self._moved_from_root, names)
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)

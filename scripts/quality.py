@@ -15,8 +15,8 @@ Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
   so the untuned model is neither at chance nor at ceiling; also the correct answer's NLL.
 Every run also reports forgetting: WikiText-2 NLL (fixed windows of its test split) after tuning.
 
-Arms (``--arm``): ``full``, ``lora``, ``smt:<criterion>`` (64² blocks), ``strips:<criterion>`` (whole output
-rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth). Budgets: ``r8`` / ``r32`` = as many
+Arms (``--arm``): ``full``, ``lora``, ``smt:<criterion>`` (64² blocks; ``smt:<criterion>@32`` for 32² blocks),
+``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth). Budgets: ``r8`` / ``r32`` = as many
 trainable weights as LoRA of that rank on the same targets (counted exactly and reported); targets ``qkv``,
 ``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps`` optimizer steps on the same
 batches in the same order (the data seed is the run's seed); SMT's warm-up steps are inside that budget.
@@ -324,6 +324,7 @@ def build_module(cell: Cell, harness: Harness):
                               attn_implementation="sdpa", lr=cell.lr, scheduler="cosine", lr_warmup_steps=3,
                               min_lr_ratio=0.1, slim_checkpoints=False)  # fmt: skip
     kind, _, criterion = cell.arm.partition(":")
+    criterion, _, side = criterion.partition("@")  # "grad_sq@32": 32² blocks instead of the cell's default
     targets = TARGETS[cell.targets]
     budget = lora_weights(module.model, targets, int(cell.budget.removeprefix("r")))
     if kind == "full":
@@ -336,8 +337,9 @@ def build_module(cell: Cell, harness: Harness):
         module.model = get_peft_model(module.model, config)
         return module, []
     strips = kind == "strips"
-    block = (1, -1) if strips else cell.block_size
-    width = module.model.config.hidden_size if strips else cell.block_size**2  # q/k/v/o rows read hidden_size inputs
+    side = int(side) if side else cell.block_size
+    block = (1, -1) if strips else side
+    width = module.model.config.hidden_size if strips else side**2  # q/k/v/o rows read hidden_size inputs
     regrowth = RegrowthConfig(every=20, accumulate=5, rate=0.2, criterion="ag") if kind == "regrow" else None
     warmup = 0 if criterion in ("random", "weight_abs_mean") else cell.warmup
     smt = SparseMatrixTuning(target_modules=targets, block_size=block, num_blocks=max(1, round(budget / width)),
@@ -738,7 +740,8 @@ def tiny(out: Path, precision: str) -> int:
     for task in TASKS:
         _write(harness.out / task / "base.json", run_base(task, harness))
     cells = [
-        ("alpaca", arm) for arm in ("full", "lora", "smt:grad_sq", "smt:grad_snr", "strips:random", "regrow:grad_snr")
+        ("alpaca", arm)
+        for arm in ("full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr")
     ]
     cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora")]
     for task, arm in cells:

@@ -36,9 +36,10 @@ def tiny_run(quality, tmp_path_factory):
 def test_every_arm_trains_at_the_same_budget(tiny_run):
     out, results, markdown = tiny_run
     alpaca = {r["cell"]["arm"]: r for r in results if r["cell"]["task"] == "alpaca"}
-    assert set(alpaca) == {"full", "lora", "smt:grad_sq", "smt:grad_snr", "strips:random", "regrow:grad_snr"}
+    arms = {"full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr"}
+    assert set(alpaca) == arms
     budget = alpaca["lora"]["trainable"]
-    for arm in ("smt:grad_sq", "smt:grad_snr", "regrow:grad_snr"):
+    for arm in ("smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "regrow:grad_snr"):
         assert alpaca[arm]["trainable"] == budget  # 16² blocks divide LoRA's count exactly on this model
     assert abs(alpaca["strips:random"]["trainable"] - budget) <= 64  # whole rows of 64 weights
     assert alpaca["full"]["trainable"] > 10 * budget
@@ -48,6 +49,7 @@ def test_every_arm_trains_at_the_same_budget(tiny_run):
         assert record["metrics"]["test_nll"] < base["test_nll"], arm
         assert f"| {arm} |" in markdown
     assert alpaca["smt:grad_sq"]["selection"]["blocks"] == budget // 256
+    assert alpaca["smt:grad_sq@8"]["selection"]["blocks"] == budget // 64  # the arm's own block side
 
 
 def test_results_are_cached_per_training_precision(tiny_run, quality):

@@ -8,13 +8,14 @@ weights lowers the loss at first order by what S holds of
 
 - ``Σ G²`` for an SGD step;
 - ``Σ |G|`` for a sign step (Adam's first steps: every weight moves by ~lr whatever its gradient's scale);
+- ``Σ Ḡ²/√F`` for a settled Adam step (``m/√v``: the mean gradient over its root mean square);
 - ``Σ Ḡ²/F`` for a diagonal-Newton step, F = the mean squared batch gradient (the empirical Fisher): the gain
   a well-preconditioned optimiser can take, which no longer grows with an input channel's scale, because the
   curvature grows with it too.
 
 The script takes the gradient of the target weights on the first ``--warmup`` batches of the quality study's
 training order (what SMT's warm-up sees), chooses blocks from them, and measures each structure's share of the
-three sums on the *next* ``--later`` batches (what the tuning steps then follow):
+four sums on the *next* ``--later`` batches (what the tuning steps then follow):
 
 - rank r per module (LoRA r's reach: the top-r singular directions of each module's gradient; Σ G² only);
 - the best P single weights (any sparse mask's ceiling);
@@ -92,13 +93,15 @@ def block_sum(values: torch.Tensor, side: int) -> torch.Tensor:
 
 def shares(late, late_sq, per_batch, later: int, budget: int, rank: int, sides: tuple[int, ...],
            draws: int = 20) -> dict:  # fmt: skip
-    """Per structure: its share of the later gradient's Σ G², Σ |G| and Σ G²/F (see the module docstring); the
-    rank structure has only the first (sign and diagonal-Newton steps are not confined to a subspace)."""
+    """Per structure: its share of the later gradient's Σ G², Σ |G|, Σ Ḡ²/√F and Σ Ḡ²/F (see the module
+    docstring); the rank structure has only the first (the other steps are not confined to a subspace)."""
+    tiny = torch.finfo(torch.float32).tiny
     views = {"sq": {n: g.square() for n, g in late.items()}, "abs": {n: g.abs() for n, g in late.items()},
-             "newton": {n: late[n].square() / (later * late_sq[n]).clamp_min(1e-30) for n in late}}  # fmt: skip
+             "adam": {n: late[n].square() / (later * late_sq[n]).sqrt().clamp_min(tiny) for n in late},
+             "newton": {n: late[n].square() / (later * late_sq[n]).clamp_min(tiny) for n in late}}  # fmt: skip
     totals = {v: sum(float(t.sum()) for t in per.values()) for v, per in views.items()}
     svd = sum(float(torch.linalg.svdvals(g)[:rank].square().sum()) for g in late.values())
-    out = {"rank": (svd / totals["sq"], None, None)}
+    out = {"rank": (svd / totals["sq"], None, None, None)}
     flat = {v: torch.cat([t.flatten() for t in per.values()]) for v, per in views.items()}
     out["top weights"] = tuple(float(flat[v].topk(budget).values.sum()) / totals[v] for v in views)
     generator = torch.Generator().manual_seed(0)
@@ -111,7 +114,7 @@ def shares(late, late_sq, per_batch, later: int, budget: int, rank: int, sides: 
                          for n in late])  # fmt: skip
         scores = torch.cat([sum(block_sum(b[n].square(), side) for b in per_batch).flatten() for n in late])
         picks = {"grad_sq blocks": scores.topk(k).indices, "batch-SNR blocks": snr.topk(k).indices}
-        picks |= {f"best blocks by {v}": blocks[v].topk(k).indices for v in ("sq", "newton")}
+        picks |= {f"best blocks by {v}": blocks[v].topk(k).indices for v in ("sq", "adam", "newton")}
         picks["random blocks"] = [torch.randperm(scores.numel(), generator=generator)[:k] for _ in range(draws)]
         for name, index in picks.items():
             chosen = index if isinstance(index, list) else [index]
@@ -142,8 +145,8 @@ def main(argv: list[str]) -> int:
     result = shares(late, late_sq, per_batch, args.later, budget, rank, sides=(16, 32, 64))
     print(f"\n{args.task}, {args.targets} targets, budget {budget:,} weights (LoRA r={rank}); share of the gradient "
           f"energy of batches {args.warmup + 1}–{args.warmup + args.later} each structure can follow:\n")  # fmt: skip
-    print("| structure (equal budget) | Σ G² (SGD step) | Σ |G| (sign step) | Σ G²/F (diagonal Newton) |")
-    print("|---|---:|---:|---:|")
+    print("| structure (equal budget) | Σ G² (SGD) | Σ |G| (sign) | Σ Ḡ²/√F (Adam) | Σ Ḡ²/F (diagonal Newton) |")
+    print("|---|---:|---:|---:|---:|")
     for name, values in result.items():
         label = f"rank {rank} per module (LoRA's reach)" if name == "rank" else name
         print(f"| {label} | " + " | ".join("–" if v is None else f"{v:.1%}" for v in values) + " |")

@@ -651,7 +651,8 @@ SmolLM2-135M-Instruct on CPU, trained in bf16-mixed (autocast; fp32 weights and 
 in fp32; cells trained in fp32 (`*-fp32.json`) check that precision at the end of this page. Every arm trains
 100 optimizer steps of batch 8 (≤ 192 tokens) on the same batches in the same order (the data seed is the run's
 seed); SMT's 5 warm-up steps are inside the 100 (gradient-free `random` needs none). Equal budget: every sparse
-arm gets LoRA r=8's trainable-weight count on the same targets (`trainable` column, exact). AdamW, cosine
+arm gets the trainable-weight count of LoRA of the budget's rank on the same targets (`budget` column: targets
+and rank, e.g. `qkv-r8`; `trainable` column, exact); SMT blocks are 64² unless the arm says `@<side>`. AdamW, cosine
 schedule to 0.1×, 3 LR warm-up steps. Each arm's LR is the seed-0 LR with the lowest *validation* NLL; test
 columns are mean ± std over the seeds run at that LR. NLL = mean next-token negative log-likelihood of the
 held-out responses (alpaca: 200 records; GSM8K: 200 test problems; ARC-Easy: the correct answer's text); ARC

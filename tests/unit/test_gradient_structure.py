@@ -46,10 +46,10 @@ def test_rank_one_gradient_is_all_within_lora_reach_and_an_outlier_column_is_wit
     budget = 4 * side * side  # four blocks: the outlier column's whole height
     result = structure.shares({"m": late}, {"m": late_sq}, [{"m": g} for g in warm], 4, budget, 1, (side,))
     assert result["rank"][0] == pytest.approx(1.0, abs=1e-5)  # rank 1 holds the whole gradient
-    sq, l1, newton = result[f"grad_sq blocks {side}"]
+    sq, l1, _, newton = result[f"grad_sq blocks {side}"]
     assert sq > 0.95  # the outlier column's blocks hold nearly all of Σ G² ...
     assert newton == pytest.approx(4 / 16)  # ... but only their share of the weights' Newton gain
-    rand_sq, _, rand_newton = result[f"random blocks {side}"]
+    rand_sq, _, _, rand_newton = result[f"random blocks {side}"]
     assert rand_sq < 0.5 and rand_newton == pytest.approx(4 / 16)  # noiseless batches: every weight gains alike
 
 
@@ -68,6 +68,6 @@ def test_grad_sq_chases_large_noisy_weights_where_the_newton_gain_is_in_consiste
     warm, later = batches(4), batches(4)
     late, late_sq = sum(later), sum(g.square() for g in later)
     result = structure.shares({"m": late}, {"m": late_sq}, [{"m": g} for g in warm], 4, side * side, 1, (side,))
-    assert result[f"best blocks by newton {side}"][2] == pytest.approx(1.0)
-    assert result[f"batch-SNR blocks {side}"][2] == pytest.approx(1.0)  # the scale-free pick finds the gain
-    assert result[f"grad_sq blocks {side}"][2] == pytest.approx(0.0)  # grad_sq takes the loud block, worth nothing
+    assert result[f"best blocks by newton {side}"][3] == pytest.approx(1.0)
+    assert result[f"batch-SNR blocks {side}"][3] == pytest.approx(1.0)  # the scale-free pick finds the gain
+    assert result[f"grad_sq blocks {side}"][3] == pytest.approx(0.0)  # grad_sq takes the loud block, worth nothing

@@ -105,13 +105,12 @@ def shares(late, late_sq, per_batch, later: int, budget: int, rank: int, sides: 
     flat = {v: torch.cat([t.flatten() for t in per.values()]) for v, per in views.items()}
     out["top weights"] = tuple(float(flat[v].topk(budget).values.sum()) / totals[v] for v in views)
     generator = torch.Generator().manual_seed(0)
+    warm_snr = {n: sum(b[n] for b in per_batch).abs() / sum(b[n].square() for b in per_batch).sqrt().clamp_min(tiny)
+                for n in late}  # fmt: skip
     for side in sides:
         k = max(1, round(budget / side**2))
         blocks = {v: torch.cat([block_sum(t, side).flatten() for t in per.values()]) for v, per in views.items()}
-        warm_sum = {n: sum(b[n] for b in per_batch) for n in late}
-        warm_sq = {n: sum(b[n].square() for b in per_batch) for n in late}
-        snr = torch.cat([block_sum(warm_sum[n].abs() / warm_sq[n].sqrt().clamp_min(1e-30), side).flatten()
-                         for n in late])  # fmt: skip
+        snr = torch.cat([block_sum(warm_snr[n], side).flatten() for n in late])
         scores = torch.cat([sum(block_sum(b[n].square(), side) for b in per_batch).flatten() for n in late])
         picks = {"grad_sq blocks": scores.topk(k).indices, "batch-SNR blocks": snr.topk(k).indices}
         picks |= {f"best blocks by {v}": blocks[v].topk(k).indices for v in ("sq", "adam", "newton")}

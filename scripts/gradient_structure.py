@@ -61,8 +61,10 @@ def gradients(task: str, targets: list[str], seed: int, warmup: int, later: int,
     path = harness.work / "splits" / task / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(quality.TASKS[task](harness.data_root, harness)["train"]))
-    data = InstructionDataModule(train_path=str(path), batch_size=batch_size, max_length=harness.max_length,
-                                 limit_train=100 * batch_size, seed=seed, cache_dir=str(harness.work / "cache"))  # fmt: skip
+    data = InstructionDataModule(
+        train_path=str(path), batch_size=batch_size, max_length=harness.max_length,
+        limit_train=100 * batch_size, seed=seed, cache_dir=str(harness.work / "cache"),
+    )  # fmt: skip
     data.set_tokenizer(module.tokenizer)
     data.setup("fit")
     late = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}

@@ -16,10 +16,11 @@ Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
 Every run also reports forgetting: WikiText-2 NLL (fixed windows of its test split) after tuning.
 
 Arms (``--arm``): ``full``, ``lora``, ``smt:<criterion>`` (64² blocks; ``smt:<criterion>@32`` for 32² blocks),
-``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth). Budgets: ``r8`` / ``r32`` = as many
-trainable weights as LoRA of that rank on the same targets (counted exactly and reported); targets ``qkv``,
-``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps`` optimizer steps on the same
-batches in the same order (the data seed is the run's seed); SMT's warm-up steps are inside that budget.
+``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth).
+Budgets: ``r8`` / ``r32`` = as many trainable weights as LoRA of that rank on the same targets (counted exactly
+and reported); targets ``qkv``, ``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps``
+optimizer steps on the same batches in the same order (the data seed is the run's seed); SMT's warm-up steps are
+inside that budget.
 
 Results: one JSON per (task, targets, budget, arm, seed, lr) under ``--out`` (default ``docs/quality/raw``), so a
 long study accumulates across runs and sessions; ``report`` picks each arm's LR by validation NLL (seed 0),

@@ -30,6 +30,7 @@ from smt.core.progress import NothingTrainedError
 from smt.lightning.callback import SparseMatrixTuning
 from smt.lightning.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
 from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.distributed import release_process_group
 from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
 from smt.lightning.module import SMTLanguageModel
 from smt.lightning.run_logs import SelectionReport, default_logger
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             run_merge(argv[1:])
         else:
             run_lightning(argv)
+            release_process_group()
     except USAGE_ERRORS as err:
         print(f"smt: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2

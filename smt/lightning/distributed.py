@@ -102,6 +102,18 @@ def check_same_selection(fingerprint: str, all_gather: Callable[[torch.Tensor], 
 # --- strategies ------------------------------------------------------------------------------------------
 
 
+def release_process_group() -> None:
+    """Destroy torch.distributed's process groups, if any, once a run has finished on this rank.
+
+    Lightning registers this at exit for NCCL only. Under gloo (every CPU run) the groups then die during
+    interpreter shutdown, and gloo's worker threads can abort the process there (SIGABRT, "terminate called
+    without an active exception") after a run that succeeded. Call it only after success: a rank that
+    destroys its groups while another is still inside a collective can hang it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shards_in_configure_model(strategy) -> bool:
     """Whether the user's ``configure_model`` shards the network (FSDP2 through ``ModelParallelStrategy``).
 

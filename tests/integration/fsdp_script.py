@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from smt import SparseMatrixTuning  # noqa: E402
 from smt.core.config import RegrowthConfig  # noqa: E402
 from smt.core.layer import SparseBlockLinear  # noqa: E402
-from smt.lightning.distributed import shard_network  # noqa: E402
+from smt.lightning.distributed import release_process_group, shard_network  # noqa: E402
 
 MAX_STEPS, WARMUP = 8, 3
 
@@ -46,3 +46,4 @@ def run(folder: Path, forward: str) -> None:
 if __name__ == "__main__":
     for mode in ("materialize", "additive"):
         run(Path(sys.argv[1]), mode)
+    release_process_group()  # gloo left to interpreter shutdown can abort a run that passed (SIGABRT)

@@ -7,7 +7,12 @@ import torch
 
 from smt.core.scoring import BlockScorer
 from smt.kernels.blocks import BlockGrid
-from smt.lightning.distributed import check_same_selection, summed_scorer_states, zeroed_scorer_states
+from smt.lightning.distributed import (
+    check_same_selection,
+    release_process_group,
+    summed_scorer_states,
+    zeroed_scorer_states,
+)
 
 
 def gather_from(*fingerprints: str):
@@ -88,3 +93,12 @@ def test_distributed_configs_parse_over_the_debug_config_and_show_their_command(
     printed = "\n".join(line for line in capsys.readouterr().out.splitlines() if not line.startswith("["))
     strategy = yaml.safe_load(printed)["trainer"]["strategy"]
     assert strategy["class_path"] == yaml.safe_load(path.read_text())["trainer"]["strategy"]["class_path"]
+
+
+def test_a_finished_gloo_run_releases_its_process_group_and_a_second_release_is_a_no_op(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    torch.distributed.all_reduce(torch.ones(2))  # the group has started its worker threads
+    release_process_group()
+    assert not torch.distributed.is_initialized()
+    release_process_group()

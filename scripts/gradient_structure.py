@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     result = shares(late, late_sq, per_batch, args.later, budget, rank, sides=(16, 32, 64))
     print(f"\n{args.task}, {args.targets} targets, budget {budget:,} weights (LoRA r={rank}); share of the gradient "
           f"energy of batches {args.warmup + 1}–{args.warmup + args.later} each structure can follow:\n")  # fmt: skip
-    print("| structure (equal budget) | Σ G² (SGD) | Σ |G| (sign) | Σ Ḡ²/√F (Adam) | Σ Ḡ²/F (diagonal Newton) |")
+    print("| structure (equal budget) | Σ G² (SGD) | Σ \\|G\\| (sign) | Σ Ḡ²/√F (Adam) | Σ Ḡ²/F (diagonal Newton) |")
     print("|---|---:|---:|---:|---:|")
     for name, values in result.items():
         label = f"rank {rank} per module (LoRA's reach)" if name == "rank" else name

@@ -290,14 +290,34 @@ def preload() -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 
+def write_generated_task(folder: Path, seed: int = 0) -> Path:
+    """A true/false task in BoolQ's format for machines without ``../shared/data``: "is a greater than b?" over
+    ordered pairs of 0–39, shuffled with ``seed`` and split into disjoint ``train.json`` / ``test.json``."""
+    import random
+
+    pairs = [(a, b) for a in range(40) for b in range(40) if a != b]
+    random.Random(seed).shuffle(pairs)
+    rows = []
+    for a, b in pairs:
+        answer = str(a > b).lower()
+        rows.append({
+            "instruction": f"Please answer the following question with true or false, question: is {a} greater "
+                           f"than {b}?\n\nAnswer format: true/false",
+            "input": "", "output": f"the correct answer is {answer}", "answer": answer,
+        })  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    split = len(rows) * 3 // 4
+    (folder / "train.json").write_text(json.dumps(rows[:split]))
+    (folder / "test.json").write_text(json.dumps(rows[split:]))
+    return folder
+
+
 def resolve_data(setup: Setup, out: Path) -> str:
     """Point the setup at ``../shared/data`` when it is there, else at a generated task; say which."""
     folder = DATA / setup.task
     if (folder / "train.json").is_file() and (folder / "test.json").is_file():
         setup.train_path, setup.test_path = str(folder / "train.json"), str(folder / "test.json")
         return f"{setup.task} from {folder}"
-    from quickstart import write_generated_task  # the quickstart's true/false task, in BoolQ's format
-
     setup.task = "boolq"
     generated = write_generated_task(out / "generated" / "boolq")
     setup.train_path, setup.test_path = str(generated / "train.json"), str(generated / "test.json")

@@ -1,4 +1,4 @@
-"""Tiny models built in code for tests (nothing is downloaded)."""
+"""Tiny models built in code for tests (nothing is downloaded), and the scripts under test as modules."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def write_hub_dataset(cache: Path, repo_id: str, splits: dict[str, list[dict]], 
     target = cache / f"{owner}___{name}" / config / "0.0.0" / ("0" * 16)
     shutil.copytree(builder.cache_dir, target)
     return target
+
+
+def import_script(name: str):
+    """``scripts/<name>.py`` as a module: the scripts folder is not a package, so it joins ``sys.path`` only
+    for the import."""
+    import importlib
+    import sys
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(scripts)

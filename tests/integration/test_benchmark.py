@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from helpers import import_script
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    benchmark = import_script("benchmark")
     out = tmp_path_factory.mktemp("bench")
     assert benchmark.main(["--tiny", "--out", str(out)]) == 0
     return out, json.loads((out / "benchmark.json").read_text()), (out / "benchmark.md").read_text()
@@ -60,3 +54,17 @@ def test_warmup_share_is_smt_only_and_training_lowers_the_loss(report):
     base = by_name["base (untuned)"]["val_loss"]
     for name in ("full", "lora", "smt", "smt+regrowth"):
         assert by_name[name]["val_loss"] < base, name
+
+
+def test_without_shared_data_a_generated_boolq_style_task_is_written_and_named(tmp_path, monkeypatch):
+    benchmark = import_script("benchmark")
+    monkeypatch.setattr(benchmark, "DATA", tmp_path / "no-shared-data")
+    setup = benchmark.Setup.tiny()
+    said = benchmark.resolve_data(setup, tmp_path)
+    assert setup.task == "boolq" and "generated" in said
+    train, test = (json.loads(Path(getattr(setup, f"{split}_path")).read_text()) for split in ("train", "test"))
+    assert len(train) == 1170 and len(test) == 390
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
+    for row in train + test:
+        a, b = (int(n) for n in row["instruction"].split("is ")[1].split("?")[0].split(" greater than "))
+        assert row["answer"] == str(a > b).lower() and row["output"].endswith(row["answer"])

@@ -8,22 +8,14 @@ the LR choice uses validation NLL only, and the study's sweep extends past a gri
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from helpers import import_script
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return quality
+    return import_script("quality")
 
 
 @pytest.fixture(scope="module")

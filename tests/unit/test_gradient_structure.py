@@ -3,23 +3,14 @@ structure (no model: the measured batches are built by hand)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from helpers import import_script
 
 
 @pytest.fixture(scope="module")
 def structure():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import gradient_structure
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return gradient_structure
+    return import_script("gradient_structure")
 
 
 def test_block_sum_covers_ragged_edges(structure):

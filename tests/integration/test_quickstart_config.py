@@ -16,19 +16,18 @@ import json
 import math
 import operator
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import import_script
 
 from smt.lightning.cli import main
 from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import quickstart  # noqa: E402
+quickstart = import_script("quickstart")
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}

@@ -13,9 +13,14 @@ Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
 - ``arc_easy``: ARC-Easy (LLM-Adapters files) with the *answer text* as the response; accuracy = the choice
   whose text is most likely (lm-eval style, summed log-probability normalised by the text's length in bytes),
   so the untuned model is neither at chance nor at ceiling; also the correct answer's NLL.
+- ``facts-N`` (generated, ``smt.eval.knowledge``): N facts about fictional people, trained in three question
+  wordings for ``--epochs``; recall (the true value ranked first of the attribute's 20) in the trained wording and
+  in two never-trained ones (``val_recall``, ``test_recall``); NLL of the answers asked in the held-out wordings.
 Every run also reports forgetting: WikiText-2 NLL (fixed windows of its test split) after tuning.
 
-Arms (``--arm``): ``full``, ``lora``, ``smt:<criterion>`` (64² blocks; ``smt:<criterion>@32`` for 32² blocks),
+Arms (``--arm``): ``full``, ``lora``, ``rslora`` (LoRA scaled by α/√r), ``smt:<criterion>`` (64² blocks, the best
+blocks anywhere; ``smt:<criterion>@32`` for 32² blocks), ``spread:<criterion>`` (SMT with
+``allocation=proportional``: each module's share of the budget by its size, its best blocks by the criterion),
 ``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth).
 Budgets: ``r8`` / ``r32`` = as many trainable weights as LoRA of that rank on the same targets (counted exactly
 and reported); targets ``qkv``, ``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps``
@@ -77,7 +82,8 @@ class Cell:
 
     def key(self) -> str:
         budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
-        suffix = "" if self.precision == "bf16-mixed" else "-fp32"
+        suffix = "" if self.steps == 100 else f"-steps{self.steps}"
+        suffix += "" if self.precision == "bf16-mixed" else "-fp32"
         return f"{self.task}/{budget}/{self.arm.replace(':', '-')}/seed{self.seed}-lr{self.lr:g}{suffix}.json"
 
 
@@ -167,6 +173,49 @@ def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
 
 
 TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits}
+KNOWLEDGE_SIZES = (40, 160, 640)
+"""``facts-N`` tasks the study knows (any multiple of 4 runs with ``run --task facts-N``)."""
+
+
+def is_knowledge_task(task: str) -> bool:
+    return re.fullmatch(r"facts-\d+", task) is not None
+
+
+def task_splits(task: str, harness: Harness) -> dict[str, list[dict]]:
+    """The records of ``task``: a file-backed task from ``harness.data_root``, or a generated ``facts-N`` task."""
+    if is_knowledge_task(task):
+        from smt.eval.knowledge import knowledge_splits
+
+        return knowledge_splits(int(task.removeprefix("facts-")), harness.n_test)
+    return TASKS[task](harness.data_root, harness)
+
+
+def task_template(task: str) -> str:
+    """The prompt template a task trains and is scored with (facts: the short ``Question:/Answer:`` form)."""
+    return "gsm8k" if is_knowledge_task(task) else "alpaca"
+
+
+EPOCHS = 8
+"""Passes over a ``facts-N`` training set (every fact in three wordings)."""
+
+
+def task_steps(task: str, steps: int | None, epochs: float, batch_size: int = 8) -> int:
+    """Optimizer steps of a cell: ``steps`` if given, else 100, or ``epochs`` passes over a facts task's records."""
+    if steps is not None:
+        return steps
+    if not is_knowledge_task(task):
+        return 100
+    from smt.eval.knowledge import TRAIN_WORDINGS
+
+    records = int(task.removeprefix("facts-")) * len(TRAIN_WORDINGS)
+    return max(1, round(epochs * records / batch_size))
+
+
+def task_name(name: str) -> str:
+    """argparse type: a known task name, or ``facts-N``."""
+    if name in TASKS or is_knowledge_task(name):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown task {name!r}; use one of {', '.join(TASKS)} or facts-N (N facts)")
 
 
 def wikitext_windows(root: Path, tokenizer, harness: Harness) -> list[list[int]]:
@@ -210,7 +259,8 @@ def write_tiny_data(root: Path) -> None:
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
-def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8) -> float:
+def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8,
+                 template: str = "alpaca") -> float:  # fmt: skip
     """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
     import torch
 
@@ -219,7 +269,7 @@ def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_s
 
     columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
                "response": [r["output"] for r in records]}  # fmt: skip
-    encoded = encode_examples(tokenizer, "alpaca", columns, max_length)
+    encoded = encode_examples(tokenizer, template, columns, max_length)
     rows = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
     collate, total, count = InstructionCollator(tokenizer.pad_token_id), 0.0, 0
     with torch.no_grad():
@@ -289,9 +339,10 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 200
 def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windows: list[list[int]]) -> dict:
     """Every metric of one trained (or untuned) model, in eval mode."""
     model.eval()
+    template = task_template(cell.task)
     metrics = {
-        "val_nll": response_nll(model, tokenizer, splits["val"], harness.max_length),
-        "test_nll": response_nll(model, tokenizer, splits["test"], harness.max_length),
+        "val_nll": response_nll(model, tokenizer, splits["val"], harness.max_length, template=template),
+        "test_nll": response_nll(model, tokenizer, splits["test"], harness.max_length, template=template),
         "wiki_nll": text_nll(model, windows),
     }
     if cell.task == "arc_easy":
@@ -299,7 +350,23 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
         metrics["test_acc"] = choice_accuracy(model, tokenizer, splits["test"])
     if cell.task == "gsm8k" and cell.em:
         metrics["test_em"] = exact_match(model, tokenizer, splits["test"][: cell.em])
+    if is_knowledge_task(cell.task):
+        metrics["trained_nll"] = response_nll(model, tokenizer, splits["trained"], harness.max_length,
+                                              template=template)  # fmt: skip
+        for split in ("trained", "val", "test"):
+            metrics[f"{split}_recall"] = fact_recall(model, tokenizer, splits[split], template)
     return metrics
+
+
+def fact_recall(model, tokenizer, records: list[dict], template: str) -> float:
+    """Share of facts whose true value is the most likely of all the attribute's values (``smt.eval.recall``)."""
+    from smt.eval.recall import recall
+    from smt.lightning.data.prompts import adds_special_tokens, render_prompt, render_response
+
+    prompts = [render_prompt(template, r["instruction"]) for r in records]
+    prefixes = [render_response(template, r["context"]) for r in records]
+    return recall(model, tokenizer, prompts, prefixes, [r["choices"] for r in records], [r["label"] for r in records],
+                  special_tokens=adds_special_tokens(template))  # fmt: skip
 
 
 # --- methods ------------------------------------------------------------------------------------------
@@ -330,11 +397,13 @@ def build_module(cell: Cell, harness: Harness):
     budget = lora_weights(module.model, targets, int(cell.budget.removeprefix("r")))
     if kind == "full":
         return module, []
-    if kind == "lora":
+    if kind in ("lora", "rslora"):
         from peft import LoraConfig, get_peft_model
 
         rank = int(cell.budget.removeprefix("r"))
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+        # rsLoRA scales by α/√r instead of α/r, so the update's size no longer shrinks as the rank grows
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                            use_rslora=kind == "rslora")  # fmt: skip
         module.model = get_peft_model(module.model, config)
         return module, []
     strips = kind == "strips"
@@ -343,8 +412,10 @@ def build_module(cell: Cell, harness: Harness):
     width = module.model.config.hidden_size if strips else side**2  # q/k/v/o rows read hidden_size inputs
     regrowth = RegrowthConfig(every=20, accumulate=5, rate=0.2, criterion="ag") if kind == "regrow" else None
     warmup = 0 if criterion in ("random", "weight_abs_mean") else cell.warmup
+    allocation = "proportional" if kind == "spread" else "global"
     smt = SparseMatrixTuning(target_modules=targets, block_size=block, num_blocks=max(1, round(budget / width)),
-                             warmup_steps=warmup, criterion=criterion, regrowth=regrowth, seed=cell.seed)  # fmt: skip
+                             warmup_steps=warmup, criterion=criterion, regrowth=regrowth, seed=cell.seed,
+                             allocation=allocation)  # fmt: skip
     return module, [smt]
 
 
@@ -369,10 +440,11 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
 
     path = harness.work / "splits" / cell.task / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(splits["train"]))
+    fields = ("instruction", "input", "output", "answer")
+    path.write_text(json.dumps([{k: r[k] for k in fields} for r in splits["train"]]))
     data = InstructionDataModule(train_path=str(path), batch_size=cell.batch_size, max_length=harness.max_length,
                                  limit_train=cell.steps * cell.batch_size, seed=cell.seed,
-                                 cache_dir=str(harness.work / "cache"))  # fmt: skip
+                                 template=task_template(cell.task), cache_dir=str(harness.work / "cache"))  # fmt: skip
     data.set_tokenizer(module.tokenizer)
     trainer = Trainer(max_steps=cell.steps, accelerator="cpu", devices=1, precision=cell.precision,
                       callbacks=[*callbacks, LossCurve()], logger=False, enable_checkpointing=False,
@@ -404,7 +476,7 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
 
     from smt.core.model import get_bank, merged
 
-    splits = TASKS[cell.task](harness.data_root, harness)
+    splits = task_splits(cell.task, harness)
     module, callbacks = build_module(cell, harness)
     windows = wikitext_windows(harness.data_root, module.tokenizer, harness)
     record = {"cell": asdict(cell), "harness": {k: str(v) for k, v in asdict(harness).items()}}
@@ -426,7 +498,7 @@ def run_base(task: str, harness: Harness) -> dict:
     from smt.lightning.module import SMTLanguageModel
 
     cell = Cell(task=task, arm="base", lr=0.0, em=exact_match_questions(task))
-    splits = TASKS[task](harness.data_root, harness)
+    splits = task_splits(task, harness)
     module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
                               attn_implementation="sdpa")  # fmt: skip
     windows = wikitext_windows(harness.data_root, module.tokenizer, harness)
@@ -444,6 +516,8 @@ PLANS = {
     "headline": HEADLINE,
     "core": HEADLINE[:4],  # the arms the targets compare: LoRA, SMT's two candidate defaults, random blocks
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
+    # where sparse capacity should matter (facts-N): the default, its per-module spread, random blocks, the ceiling
+    "capacity": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random", "full"],
 }
 
 
@@ -493,11 +567,13 @@ def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: 
             for lr in todo]  # fmt: skip
 
 
-def next_cells(plan: str, tasks: list[str], targets: str, budget: str, seeds: int, steps: int, harness: Harness):
+def next_cells(plan: str, tasks: list[str], targets: str, budget: str, seeds: int, steps: int | None, harness: Harness,
+               epochs: float = 8):  # fmt: skip
     """The plan's missing cells, one at a time: the LR sweeps round-robin over the arms (each next LR depends on
     what the earlier ones found), then the extra seeds of every arm at its chosen LR."""
-    arms = PLANS[plan]
+    arms, requested = PLANS[plan], steps
     for task in tasks:
+        steps = task_steps(task, requested, epochs)
         pending = True
         while pending:
             pending = False
@@ -534,7 +610,8 @@ def study(args, harness: Harness) -> int:
         base = harness.out / task / "base.json"
         if not base.is_file():
             _write(base, run_base(task, harness))
-    for cell in next_cells(args.plan, args.tasks, args.targets, args.budget, args.seeds, args.steps, harness):
+    for cell in next_cells(args.plan, args.tasks, args.targets, args.budget, args.seeds, args.steps, harness,
+                           args.epochs):  # fmt: skip
         if result_path(cell, harness).is_file():
             continue
         print(f"quality: {cell.key()}", flush=True)
@@ -553,7 +630,14 @@ def _write(path: Path, record: dict) -> None:
 
 # --- report ---------------------------------------------------------------------------------------------
 
-METRICS = {"test_nll": "test NLL", "test_acc": "test acc", "test_em": "GSM8K EM", "wiki_nll": "WikiText NLL"}
+METRICS = {
+    "test_nll": "test NLL",
+    "test_acc": "test acc",
+    "test_em": "GSM8K EM",
+    "trained_recall": "recall (trained wording)",
+    "test_recall": "recall (new wording)",
+    "wiki_nll": "WikiText NLL",
+}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -568,9 +652,12 @@ def summarize(results: list[dict], bases: dict[str, dict]) -> list[dict]:
     """Per (task, budget, arm): the chosen LR, the LR curve (val NLL, seed 0) and test metrics over seeds."""
     rows = []
     groups = sorted({(r["cell"]["task"], r["cell"]["targets"], r["cell"]["budget"], r["cell"]["arm"]) for r in results})
+    full_done: set[str] = set()  # full FT has no budget: one row per task, whichever targets its cells recorded
     for task, targets, budget, arm in groups:
-        if arm == "full" and (targets, budget) != ("qkv", "r8"):
-            continue
+        if arm == "full":
+            if task in full_done:
+                continue
+            full_done.add(task)
         lr = best_lr(results, task, arm, targets, budget)
         runs = [r for r in results if _matches(r, task, arm, targets, budget)]
         at_lr = [r for r in runs if r["cell"]["lr"] == lr]
@@ -704,15 +791,16 @@ def report(harness: Harness, out_md: Path) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("run", "study", "report"), default="report")
-    parser.add_argument("--task", default="alpaca", choices=list(TASKS))
-    parser.add_argument("--tasks", nargs="+", default=["alpaca"], choices=list(TASKS))
+    parser.add_argument("--task", default="alpaca", type=task_name, help="alpaca, gsm8k, arc_easy or facts-N")
+    parser.add_argument("--tasks", nargs="+", default=["alpaca"], type=task_name)
     parser.add_argument("--arm", default="smt:grad_sq")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per headline arm (study)")
     parser.add_argument("--targets", default="qkv", choices=list(TARGETS))
     parser.add_argument("--budget", default="r8", help="r<rank>: LoRA rank whose weight count every arm gets")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100; facts-N: --epochs)")
+    parser.add_argument("--epochs", type=float, default=EPOCHS, help="facts-N: passes over the training records")
     parser.add_argument("--em", type=int, default=0, help="GSM8K test questions for greedy exact match (0 = off)")
     parser.add_argument("--plan", default="sweep", choices=list(PLANS))
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
@@ -739,13 +827,13 @@ def tiny(out: Path, precision: str) -> int:
     harness = Harness.tiny(out)
     harness.precision = precision
     write_tiny_data(harness.data_root)
-    for task in TASKS:
+    for task in (*TASKS, "facts-8"):
         _write(harness.out / task / "base.json", run_base(task, harness))
     cells = [
         ("alpaca", arm)
         for arm in ("full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr")
     ]
-    cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora")]
+    cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora"), ("facts-8", "spread:grad_sq"), ("facts-8", "rslora")]
     for task, arm in cells:
         lr = 1e-3 if arm == "full" else 1e-2
         cell = Cell(task, arm, lr, steps=6, batch_size=4, warmup=2, block_size=16, em=4 if task == "gsm8k" else 0,
@@ -778,7 +866,8 @@ def main(argv: list[str]) -> int:
     if args.out is not None:
         harness.out = args.out
     if args.command == "run":
-        cell = Cell(args.task, args.arm, args.lr, args.seed, args.targets, args.budget, args.steps, em=args.em,
+        steps = task_steps(args.task, args.steps, args.epochs)
+        cell = Cell(args.task, args.arm, args.lr, args.seed, args.targets, args.budget, steps, em=args.em,
                     precision=harness.precision)  # fmt: skip
         _write(result_path(cell, harness), run_cell(cell, harness))
         return 0

@@ -12,6 +12,7 @@ from smt.core.scoring import CRITERIA  # the registry: a criterion added with re
 from smt.kernels import KERNEL_CHOICES
 
 FORWARD_MODES = ("auto", "materialize", "additive")
+ALLOCATIONS = ("global", "proportional")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DENSITY = 0.01
 
@@ -59,6 +60,10 @@ class SMTConfig:
     """Upper limit on blocks in any one module (None = no limit)."""
     min_blocks_per_module: int = 0
     """Lower limit on blocks in every targeted module (the best blocks of each module are kept first)."""
+    allocation: str = "global"
+    """How the budget is split over modules: ``global`` (the best-scoring blocks anywhere: the budget follows the
+    warm-up's gradients, which pile into a few modules and input columns) or ``proportional`` (each module gets
+    blocks in proportion to its weights, like LoRA's rank, and the scores choose which of its blocks)."""
     warmup_steps: int = 100
     """Optimizer steps of scoring before selection (nothing is updated during them)."""
     criterion: str = "grad_sq"
@@ -92,6 +97,7 @@ class SMTConfig:
         else:
             _check_budget(self.num_blocks, self.density, "smt", required=False)
         _check_choice(self.criterion, CRITERIA, "criterion")
+        _check_choice(self.allocation, ALLOCATIONS, "allocation")
         _check_choice(self.forward, FORWARD_MODES, "forward")
         _check_choice(self.kernel, KERNEL_CHOICES, "kernel")
         _check_choice(self.delta_dtype, DELTA_DTYPES, "delta_dtype")

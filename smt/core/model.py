@@ -254,7 +254,9 @@ def select_blocks(
     capacity = _require_bank(model).capacity
     if sum(p.k for p in pools) != capacity:
         raise ValueError(f"the budget gives {sum(p.k for p in pools)} blocks but the bank holds {capacity}")
-    blocks = select_top_k(scores, grids, pools, config.max_blocks_per_module, config.min_blocks_per_module)
+    blocks = select_top_k(
+        scores, grids, pools, config.max_blocks_per_module, config.min_blocks_per_module, config.allocation
+    )
     budget = {"pools": {n: vars(p) for n, p in config.pools.items()}} if config.pools else _budget_dict(config)
     return Selection(blocks, grids, config.criterion, budget, warmup_steps, model_id, scores)
 

@@ -5,8 +5,13 @@
 - ``K`` is fixed by the budget before any score is seen (``num_blocks``, or ``density`` × the pool's
   targeted parameters ÷ its mean real block size), so the bank of trainable slots never changes shape.
 - Ties break deterministically: higher score first, then module name order, then row-major position.
-- ``min_per_module`` blocks of every module are taken first (its best ones), then the rest greedily,
-  skipping modules already at ``max_per_module``.
+- ``allocation="global"``: ``min_per_module`` blocks of every module are taken first (its best ones), then the
+  rest greedily across modules, skipping modules already at ``max_per_module``. The budget follows the scores, so
+  it can pile into a few modules (and a few input columns) whose gradients are largest early on.
+- ``allocation="proportional"``: module ``m`` first gets a quota ``q_m ≈ K · n_m / Σ n`` (``n`` = its weights;
+  largest remainders make the quotas sum to ``K``; clipped to its block count and the per-module limits, the
+  excess handed to the modules with room, largest remainder first), then its best ``q_m`` blocks by score. The
+  budget is spread like LoRA's rank over every module, and the scores only pick *where inside* each module.
 
 A ``Selection`` saves as safetensors (``<module>.smt_index`` ``[k, 2]`` int32, optional
 ``<module>.smt_scores``) with JSON metadata (grids, criterion, budget, warm-up steps, model id), and
@@ -202,6 +207,7 @@ def select_top_k(
     pools: list[Pool],
     max_per_module: int | None = None,
     min_per_module: int = 0,
+    allocation: str = "global",
 ) -> dict[str, torch.Tensor]:
     """Choose the best ``pool.k`` blocks of each pool.
 
@@ -211,6 +217,8 @@ def select_top_k(
         pools: disjoint groups of modules, each with its block count.
         max_per_module: at most this many blocks in one module.
         min_per_module: at least this many blocks in every module (all of its blocks if it has fewer).
+        allocation: ``global`` (best blocks anywhere in the pool) or ``proportional`` (each module's share of the
+            budget fixed by its size first, then its best blocks).
 
     Returns:
         module name → int64 ``[k, 2]`` chosen blocks (every module of every pool, possibly empty).
@@ -220,11 +228,11 @@ def select_top_k(
     """
     chosen: dict[str, torch.Tensor] = {}
     for pool in pools:
-        chosen.update(_select_pool(pool, scores, grids, max_per_module, min_per_module))
+        chosen.update(_select_pool(pool, scores, grids, max_per_module, min_per_module, allocation))
     return chosen
 
 
-def _select_pool(pool: Pool, scores, grids, max_per_module, min_per_module) -> dict[str, torch.Tensor]:
+def _select_pool(pool: Pool, scores, grids, max_per_module, min_per_module, allocation) -> dict[str, torch.Tensor]:
     names = sorted(pool.modules)
     flat = torch.cat([scores[n].float().flatten().cpu() for n in names])
     if not bool(torch.isfinite(flat).all()):
@@ -238,7 +246,11 @@ def _select_pool(pool: Pool, scores, grids, max_per_module, min_per_module) -> d
             f"pool {pool.name}: min_blocks_per_module={min_per_module} × {len(names)} modules needs {sum(mins)} "
             f"blocks but the budget is {pool.k}; lower the minimum or raise the budget"
         )
-    taken = _take(order, owner.tolist(), mins, max_per_module, pool.k)
+    if allocation == "proportional":
+        quotas = proportional_quotas([grids[n] for n in names], pool.k, mins, max_per_module)
+        taken = _take(order, owner.tolist(), quotas, max_per_module, pool.k)
+    else:
+        taken = _take(order, owner.tolist(), mins, max_per_module, pool.k)
     if int(taken.sum()) < pool.k:
         raise ValueError(
             f"pool {pool.name}: max_blocks_per_module={max_per_module} leaves room for only {int(taken.sum())} of "
@@ -250,6 +262,32 @@ def _select_pool(pool: Pool, scores, grids, max_per_module, min_per_module) -> d
         ncb = grids[name].n_col_blocks
         result[name] = torch.stack([local // ncb, local % ncb], dim=1)
     return result
+
+
+def proportional_quotas(grids: list[BlockGrid], k: int, mins: list[int], cap: int | None) -> list[int]:
+    """Blocks per module in proportion to its weights, summing to ``k`` (fewer only when the limits leave no room).
+
+    Each module gets ``floor(k · n_m / Σ n)``, then one more by largest remainder until the sum is ``k``; a
+    quota above the module's room (its blocks, ``cap``) is cut and the blocks left over go round again to
+    the modules with room, in the same order. Ties break by module order.
+    """
+    rooms = [min(g.num_blocks, cap if cap is not None else g.num_blocks) for g in grids]
+    quotas = [min(m, r) for m, r in zip(mins, rooms)]
+    weights = [float(g.numel) for g in grids]
+    while sum(quotas) < k:
+        open_ = [i for i, (q, r) in enumerate(zip(quotas, rooms)) if q < r]
+        if not open_:
+            break
+        left, total = k - sum(quotas), sum(weights[i] for i in open_)
+        # the whole budget's fair share per module, minus what it already holds (its minimum or earlier rounds)
+        share = {i: max(0.0, (left + sum(quotas[j] for j in open_)) * weights[i] / total - quotas[i]) for i in open_}
+        grant = {i: min(int(share[i]), rooms[i] - quotas[i]) for i in open_}
+        if sum(grant.values()) == 0:
+            by_remainder = sorted(open_, key=lambda i: (-(share[i] - int(share[i])), i))
+            grant = {i: 1 if n < left else 0 for n, i in enumerate(by_remainder)}
+        for i, extra in grant.items():
+            quotas[i] += min(extra, k - sum(quotas))
+    return quotas
 
 
 def _take(order: torch.Tensor, owner: list[int], mins: list[int], cap: int | None, k: int) -> torch.Tensor:

@@ -99,6 +99,7 @@ class SparseMatrixTuning(Callback):
             ``{"attention": {"pattern": ".*attn.*", "density": 0.01}}``.
         max_blocks_per_module: upper limit of blocks in one module.
         min_blocks_per_module: lower limit of blocks in every module.
+        allocation: ``global`` (best blocks anywhere) or ``proportional`` (each module's share by its size first).
         warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
         criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``grad_snr``,
             ``grad_sq_xnorm``, ``weight_abs_mean``, ``random`` (see ``smt.core.scoring``).
@@ -132,6 +133,7 @@ class SparseMatrixTuning(Callback):
         pools: dict[str, PoolConfig] | None = None,
         max_blocks_per_module: int | None = None,
         min_blocks_per_module: int = 0,
+        allocation: str = "global",
         warmup_steps: int = 100,
         criterion: str = "grad_sq",
         accumulator_device: str | None = None,
@@ -151,7 +153,7 @@ class SparseMatrixTuning(Callback):
         self.config = SMTConfig(
             list(target_modules) if isinstance(target_modules, tuple) else target_modules,
             block_size, num_blocks, density, pools, max_blocks_per_module, min_blocks_per_module,
-            warmup_steps, criterion, accumulator_device, forward, kernel, delta_dtype, seed,
+            allocation, warmup_steps, criterion, accumulator_device, forward, kernel, delta_dtype, seed,
         )  # fmt: skip
         if self.config.warmup_steps == 0 and selection_path is None and criterion not in GRADIENT_FREE:
             raise ValueError(

@@ -110,3 +110,33 @@ def test_damaged_selection_files_are_refused(tmp_path, damage):
     with pytest.raises(ValueError, match="s.safetensors") as err:
         Selection.load(path)
     assert "\n" not in str(err.value)
+
+
+def test_proportional_allocation_spreads_the_budget_by_module_size():
+    small = BlockGrid(16, 16, 4, 4)  # 16 blocks, 256 weights
+    large = BlockGrid(16, 48, 4, 4)  # 48 blocks, 768 weights
+    scores = {"a": _scores(*range(16)) * 100, "b": torch.arange(48.0).view(4, 12)}
+    grids = {"a": small, "b": large}
+    greedy = select_top_k(scores, grids, [Pool("all", ("a", "b"), 8)])
+    assert greedy["a"].shape[0] == 8 and greedy["b"].numel() == 0  # the scores alone put everything in "a"
+    spread = select_top_k(scores, grids, [Pool("all", ("a", "b"), 8)], allocation="proportional")
+    assert spread["a"].tolist() == [[3, 2], [3, 3]]  # 8 · 256/1024 = 2: a's best two
+    assert spread["b"].tolist() == [[3, 6], [3, 7], [3, 8], [3, 9], [3, 10], [3, 11]]  # 6: b's best six
+
+
+def test_proportional_quotas_sum_to_k_under_limits():
+    from smt.core.selection import proportional_quotas
+
+    grids = [BlockGrid(16, 16, 4, 4), BlockGrid(16, 16, 4, 4), BlockGrid(16, 48, 4, 4)]
+    assert proportional_quotas(grids, 10, [0, 0, 0], None) == [2, 2, 6]
+    assert proportional_quotas(grids, 7, [0, 0, 0], None) == [2, 1, 4]  # 1.4, 1.4, 4.2: the largest remainder first
+    assert sum(proportional_quotas(grids, 11, [0, 0, 0], None)) == 11
+    assert proportional_quotas(grids, 10, [0, 0, 0], 3) == [3, 3, 3]  # the cap leaves room for 9 only
+    assert proportional_quotas(grids, 40, [0, 0, 0], 14) == [13, 13, 14]  # 10, 10, 30: the capped excess re-shared
+    assert proportional_quotas(grids, 10, [3, 0, 0], None) == [3, 2, 5]  # a minimum is kept, the rest re-shared
+    assert proportional_quotas(grids, 64, [0, 0, 0], None) == [13, 13, 38]  # 12.8, 12.8, 38.4
+
+
+def test_allocation_is_checked_before_any_model_loads():
+    with pytest.raises(ValueError, match="smt.allocation='spread' is not one of global, proportional"):
+        SMTConfig(allocation="spread")

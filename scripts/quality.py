@@ -507,7 +507,7 @@ def run_base(task: str, harness: Harness) -> dict:
 
 # --- the study ----------------------------------------------------------------------------------------
 
-LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4]}
+LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4], "facts": [3e-3, 1e-3, 1e-2]}
 """Seed-0 learning rates per arm, tried in this order (the middle first, so an early stop still compares arms)."""
 HEADLINE = ["lora", "smt:grad_sq", "smt:random", "smt:grad_snr", "full"]
 SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnorm"]
@@ -518,6 +518,7 @@ PLANS = {
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
     # where sparse capacity should matter (facts-N): the default, its per-module spread, random blocks, the ceiling
     "capacity": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random", "full"],
+    "spread": ["spread:grad_sq"],
 }
 
 
@@ -555,6 +556,8 @@ def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: 
                 precision: str = "bf16-mixed") -> list[Cell]:  # fmt: skip
     """The next seed-0 LRs to try: the grid, then one step (×3) beyond an edge that is still the best."""
     grid = LR_GRID.get(arm, LR_GRID["default"])
+    if is_knowledge_task(task) and arm != "full":
+        grid = LR_GRID["facts"]  # storing facts wants larger steps than format learning: start one ×3 higher
     done = {r["cell"]["lr"] for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0}
     todo = [lr for lr in grid if lr not in done]
     if not todo and done:

@@ -50,8 +50,9 @@ from gpu_check_train import TrainSizes, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("pytest", "kernels", "train", "multi_gpu", "quantized")
-BUDGET_S = {"pytest": 200, "kernels": 80, "train": 170, "multi_gpu": 120, "quantized": 30}
-"""Seconds per phase on a GPU; the first three sum to 7.5 minutes, leaving start-up inside the 8 asked for."""
+BUDGET_S = {"pytest": 180, "kernels": 90, "train": 170, "multi_gpu": 120, "quantized": 30}
+"""Seconds per phase on a GPU: the first three sum to 440 s, leaving imports and start-up inside 8 minutes on one GPU
+(``multi_gpu`` runs only where there are several)."""
 DRY_RUN_BUDGET_S = {"pytest": 60, "kernels": 60, "train": 90, "multi_gpu": 30, "quantized": 30}
 PACKAGES = ("torch", "triton", "transformers", "lightning", "peft", "bitsandbytes", "pytest")
 GRACE_S = 20
@@ -118,8 +119,9 @@ def machine(settings: Settings) -> dict:
 # --- running phases ----------------------------------------------------------------------------------------
 
 
-class PhaseTimeout(Exception):
-    """Raised by the alarm when a phase runs past its budget and grace."""
+class PhaseTimeout(BaseException):
+    """Raised by the alarm when a phase runs past its budget and grace; a ``BaseException``, so that a phase's own
+    ``except Exception`` (one arm failing must not stop the others) cannot swallow it."""
 
 
 def _on_alarm(signum, frame) -> None:

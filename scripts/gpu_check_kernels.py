@@ -225,7 +225,8 @@ def _timer(sizes: KernelSizes, device: torch.device) -> Callable[[Callable[[], o
 
 
 def run_kernels(sizes: KernelSizes, device: torch.device, record: Record, deadline: Callable[[], float]) -> list[str]:
-    """Every kernel table, weight by weight, until ``deadline()`` (seconds left) runs out.
+    """Every kernel table, weight by weight (so a short budget loses the last weights, not a whole table), until
+    ``deadline()`` (seconds left) runs out.
 
     Returns:
         One line per problem: a table with rows that do not match the reference, or weights skipped for time.
@@ -234,9 +235,9 @@ def run_kernels(sizes: KernelSizes, device: torch.device, record: Record, deadli
 
     ops = backend_for("triton", device)  # refuses in one line where Triton cannot run (CPU without the interpreter)
     problems = []
-    for table, rows in (("block_dw", block_dw_rows), ("block_scores", block_scores_rows),
-                        ("delta_matmul", delta_matmul_rows)):  # fmt: skip
-        for name, shape in sizes.weights.items():
+    for name, shape in sizes.weights.items():
+        for table, rows in (("block_dw", block_dw_rows), ("block_scores", block_scores_rows),
+                            ("delta_matmul", delta_matmul_rows)):  # fmt: skip
             if deadline() <= 0:
                 problems.append(f"{table}: {name} skipped, the phase's time budget ran out")
                 continue

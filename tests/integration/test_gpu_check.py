@@ -144,7 +144,10 @@ def test_a_failing_or_overrunning_phase_is_recorded_and_the_next_one_runs(gpu_ch
         raise RuntimeError("kernel exploded\nsecond line")
 
     def endless(deadline):
-        time.sleep(30)
+        try:
+            time.sleep(30)
+        except Exception:  # a phase's own error handling (one arm failing) must not swallow the timeout
+            return "ok", "swallowed"
 
     def fine(deadline):
         return "ok", f"{deadline():.0f} s left"

@@ -159,3 +159,20 @@ def test_a_failing_or_overrunning_phase_is_recorded_and_the_next_one_runs(gpu_ch
     assert [p["note"] for p in written["phases"]][0] == "RuntimeError: kernel exploded"
     assert "Traceback" in written["phases"][0]["traceback"] and written["phases"][2]["note"] == "5 s left"
     assert "| kernels | failed |" in (tmp_path / "summary.md").read_text()
+
+
+def test_pytest_log_is_counted_per_test_function(gpu_check):
+    log = """tests/gpu/test_a.py::test_x[bf16-ragged] PASSED [ 10%]
+tests/gpu/test_a.py::test_x[fp16-ragged] FAILED [ 20%]
+tests/gpu/test_a.py::test_y SKIPPED (needs a CUDA device) [ 30%]
+tests/gpu/test_b.py::test_z ERROR [ 40%]
+=========== 1 failed, 1 passed, 1 skipped, 1 error in 3.21s ===========
+"""
+    rows, failures, summary = gpu_check.parse_pytest_log(log)
+    assert rows == [
+        {"file": "tests/gpu/test_a.py", "test": "test_x", "passed": 1, "failed": 1, "skipped": 0, "error": 0},
+        {"file": "tests/gpu/test_a.py", "test": "test_y", "passed": 0, "failed": 0, "skipped": 1, "error": 0},
+        {"file": "tests/gpu/test_b.py", "test": "test_z", "passed": 0, "failed": 0, "skipped": 0, "error": 1},
+    ]
+    assert failures == ["test_x[fp16-ragged] FAILED", "test_z ERROR"]
+    assert summary == "1 failed, 1 passed, 1 skipped, 1 error in 3.21s"

@@ -1,20 +1,16 @@
-"""Where the callback puts the bank inside a LightningModule, and how checkpoints from the old placement load.
+"""Where the callback puts the bank inside a LightningModule.
 
 A LightningModule usually keeps its network in one attribute (``self.model = AutoModelForCausalLM…``). The bank
 goes on that attribute, so module names in the bank, selections and delta files are the network's own
 (``model.layers.0.self_attn.q_proj``, what a fresh ``AutoModelForCausalLM`` has) and ``merge_delta(module.model)``
-works. The patterns a user writes still match names as the LightningModule has them (``model.model.layers…``, or
-suffixes), as before: :func:`config_for_holder` turns them into the holder's exact names. When the targets sit in
+works. The patterns a user writes match names as the LightningModule has them (``model.model.layers…``, or
+suffixes): :func:`config_for_holder` turns them into the holder's exact names. When the targets sit in
 several attributes, or directly on the LightningModule, or the one attribute is a container (``ModuleList``,
 ``Sequential``, ``ModuleDict``: a child there would join its iteration), the bank stays on the LightningModule.
-
-Runs written before this placement kept the bank on the LightningModule (keys ``smt_bank.*``, module names
-``model.layers…``); :func:`relocate_root_bank` rewrites such a state dict for the new place as it loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import replace
 
 from torch import nn
@@ -22,7 +18,7 @@ from torch import nn
 from smt.core.config import SMTConfig
 from smt.core.model import BANK_NAME, exact_pattern, find_targets, sparse_layers
 from smt.core.patterns import name_matcher, no_match_error
-from smt.core.selection import Selection, assign_pools
+from smt.core.selection import assign_pools
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -44,11 +40,11 @@ def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
 
 
 def holding_attribute_of(root: nn.Module, names: list[str]) -> str:
-    """:func:`holding_attribute` for a saved selection's module names, whichever placement saved them.
+    """:func:`holding_attribute` for a saved selection's module names.
 
-    Names that all exist in ``root`` were saved with the bank on the LightningModule (before this placement);
-    otherwise they are relative to the one attribute under which they all exist. ``""`` when neither fits (the
-    selection is then checked against ``root`` and refused in one line).
+    Names that all exist in ``root`` were saved with the bank on ``root`` itself (its targets sit in several
+    attributes or a container); otherwise they are relative to the one attribute under which they all exist. ``""``
+    when neither fits (the selection is then checked against ``root`` and refused in one line).
     """
     modules = dict(root.named_modules())
     if all(name in modules for name in names):
@@ -101,56 +97,3 @@ def train_densely(root: nn.Module, patterns: str | list[str], network: nn.Module
 
 def _owns_parameters(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
-
-
-def relocate_root_bank(state_dict: dict, prefix: str) -> None:
-    """Move a bank saved on the root (``smt_bank.*``) to ``<prefix>.smt_bank.*``, in place; a no-op otherwise.
-
-    The bank's module names lose ``<prefix>.``, as names relative to the new holder.
-    """
-    old = BANK_NAME + "."
-    if not prefix or f"{prefix}.{old}map" in state_dict or f"{old}map" not in state_dict:
-        return
-    for key in [k for k in state_dict if k.startswith(old)]:
-        value = state_dict.pop(key)
-        if key == f"{old}_extra_state" and isinstance(value, dict):
-            value = {**value, "modules": [name.removeprefix(prefix + ".") for name in value["modules"]]}
-        state_dict[f"{prefix}.{key}"] = value
-
-
-def relative_names(by_name: dict, prefix: str, known: Collection[str] = ()) -> dict:
-    """``{name: value}`` with ``<prefix>.`` taken off names saved relative to the root (old placement).
-
-    Names that are all in ``known`` (the holder's own names) are kept as they are: a network's names may start with
-    the attribute that holds it (``model.layers…`` inside ``module.model``) without being root-relative.
-    """
-    if not prefix or not by_name or all(name in known for name in by_name):
-        return by_name
-    if not all(name.startswith(prefix + ".") for name in by_name):
-        return by_name
-    return {name.removeprefix(prefix + "."): value for name, value in by_name.items()}
-
-
-def relative_regrowth_state(state: dict, prefix: str, known: Collection[str] = ()) -> dict:
-    """A ``Regrower.state_dict()`` with its per-module entries named relative to ``prefix`` (see ``relative_names``)."""
-    return {
-        **state,
-        "scorers": relative_names(state["scorers"], prefix, known),
-        "ema": relative_names(state["ema"], prefix, known),
-    }
-
-
-def relative_selection(selection: Selection, prefix: str, known: Collection[str] = ()) -> Selection:
-    """A selection saved with root-relative names (old placement), renamed for the holder at ``prefix``."""
-    grids = relative_names(selection.grids, prefix, known)
-    if grids is selection.grids:
-        return selection
-    return Selection(
-        relative_names(selection.blocks, prefix, known),
-        grids,
-        selection.criterion,
-        selection.budget,
-        selection.warmup_steps,
-        selection.model_id,
-        None if selection.scores is None else relative_names(selection.scores, prefix, known),
-    )

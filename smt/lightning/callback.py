@@ -27,7 +27,7 @@ module wrap the step-wise lambda with ``smt.lightning.schedules.after_warmup`` (
 
 from __future__ import annotations
 
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -50,10 +50,6 @@ from smt.core.placement import (
     config_for_holder,
     holding_attribute,
     holding_attribute_of,
-    relative_names,
-    relative_regrowth_state,
-    relative_selection,
-    relocate_root_bank,
     train_densely,
 )
 from smt.core.progress import (
@@ -209,11 +205,6 @@ class SparseMatrixTuning(Callback):
         return self._network_config
 
     @property
-    def _moved_from_root(self) -> str:
-        """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
-        return self._network_path or ""
-
-    @property
     def warmup_offset(self) -> int:
         """Optimizer steps before tuning starts (0 when a selection was loaded): where the LR schedule begins."""
         return 0 if self.selection_path else self.config.warmup_steps
@@ -254,18 +245,14 @@ class SparseMatrixTuning(Callback):
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
         if self.selection_path:
-            names = dict(network.named_modules())
-            self.selection = relative_selection(self._saved_selection, self._moved_from_root, names)
+            self.selection = self._saved_selection
             apply_selection(network, self.selection, self._network_config)
         else:
             inject(network, self._network_config)
-        if self._moved_from_root:  # the bank is on an attribute: freeze the rest of the LightningModule too
+        if self._network_path:  # the bank is on the holding attribute: freeze the rest of the LightningModule too
             slots = {id(slot) for slot in get_bank(network).slots}
             for param in pl_module.parameters():
                 param.requires_grad_(id(param) in slots)
-            # checkpoints of runs that kept the bank on the LightningModule itself load into the new place
-            hook = partial(_relocate_root_bank_hook, prefix=self._moved_from_root)
-            pl_module._register_load_state_dict_pre_hook(hook)
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -282,9 +269,7 @@ class SparseMatrixTuning(Callback):
         if self.regrowth_config is not None and self.regrower is None:
             self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                network, pending = self.target(pl_module), self._pending_regrowth
-                state = relative_regrowth_state(pending, self._moved_from_root, get_bank(network).module_names)
-                self.regrower.load_state_dict(state, network)
+                self.regrower.load_state_dict(self._pending_regrowth, self.target(pl_module))
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -443,15 +428,10 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root, self._scorers).items():
+        for name, scorer_state in state["scorers"].items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
-
-
-def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
-    """A ``load_state_dict`` pre-hook (a module-level function, so a module holding it still pickles)."""
-    relocate_root_bank(state_dict, prefix)
 
 
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:

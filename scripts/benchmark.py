@@ -219,7 +219,7 @@ def build(setup: Setup, method: str):
 
 
 def datamodule(setup: Setup, tokenizer):
-    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.datamodule import InstructionDataModule
 
     data = InstructionDataModule(train_path=setup.train_path, test_paths=[setup.test_path], val_split=setup.val_split,
                                  batch_size=setup.batch_size, eval_batch_size=16, max_length=setup.max_length,

@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from smt.core.config import RegrowthConfig
 from smt.lightning.callback import SparseMatrixTuning
-from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.module import SMTLanguageModel
 
 TINY = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -45,8 +45,8 @@ def gradients(task: str, targets: list[str], seed: int, warmup: int, later: int,
     """Per target module: each warm-up batch's gradient (``grad_sq`` scores are built from them), and the sum and
     the sum of squares of the gradients of the batches after them."""
     from smt.core.model import find_targets
-    from smt.lightning.data.datamodule import InstructionDataModule
-    from smt.lightning.loss import labelled_positions_loss
+    from smt.lightning.datamodule import InstructionDataModule
+    from smt.data.loss import labelled_positions_loss
     from smt.lightning.module import SMTLanguageModel
 
     harness = quality.Harness()

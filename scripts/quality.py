@@ -214,8 +214,8 @@ def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_s
     """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
     import torch
 
-    from smt.lightning.data.tokens import InstructionCollator, encode_examples
-    from smt.lightning.loss import labelled_positions_loss
+    from smt.data.tokens import InstructionCollator, encode_examples
+    from smt.data.loss import labelled_positions_loss
 
     columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
                "response": [r["output"] for r in records]}  # fmt: skip
@@ -247,7 +247,7 @@ def text_nll(model, windows: list[list[int]]) -> float:
 def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
     """lm-eval style: the choice with the largest summed log-probability per byte of its text."""
     from smt.eval import score_candidates_batch
-    from smt.lightning.data.prompts import render_prompt
+    from smt.data.prompts import render_prompt
 
     prompts = [render_prompt("alpaca", r["instruction"], r["input"]) for r in records]
     scores = score_candidates_batch(model, tokenizer, prompts, [r["choices"] for r in records], batch_size=16)
@@ -269,7 +269,7 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 200
     import torch
 
     from smt.eval import get_task, judge
-    from smt.lightning.data.prompts import render_prompt
+    from smt.data.prompts import render_prompt
 
     spec, correct = get_task("gsm8k"), 0
     tokenizer.padding_side = "left"
@@ -352,7 +352,7 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
     """Fit ``cell.steps`` optimizer steps on the training split; the loss curve and wall time."""
     from lightning.pytorch import Callback, Trainer
 
-    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.datamodule import InstructionDataModule
 
     losses: list[float] = []
     times: list[float] = []

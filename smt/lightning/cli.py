@@ -29,7 +29,7 @@ from smt.core.io import WriteFailedError
 from smt.core.progress import NothingTrainedError
 from smt.lightning.callback import SparseMatrixTuning
 from smt.lightning.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
-from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.distributed import release_process_group
 from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
 from smt.lightning.module import SMTLanguageModel

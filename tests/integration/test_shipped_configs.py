@@ -13,7 +13,7 @@ from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
 
 from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
 from smt.lightning.cli import main
-from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.export import load_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -4,7 +4,7 @@ Lightning.
 Layers, lowest first; a module imports from its own layer and the ones below, never above:
 
     0  smt.kernels              block geometry (``BlockGrid``, ``BlockPlan``) and the kernels over it
-    1  smt.core                 the method in pure torch
+    1  smt.core  smt.data       the method in pure torch · records, prompts, tokens, loss masks, loaders (side by side)
     2  smt.adapters  smt.eval   taking Δ out of a model · evaluation protocols (side by side, not importing each other)
     3  smt.lightning            the callback, the LightningModule, its data, checkpoints, the ``smt`` command
     4  smt                      the public names (``smt/__init__.py``) and ``python -m smt`` (``smt/__main__.py``)
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smt"
-LAYERS = {"smt.kernels": 0, "smt.core": 1, "smt.adapters": 2, "smt.eval": 2, "smt.lightning": 3}
+LAYERS = {"smt.kernels": 0, "smt.core": 1, "smt.data": 1, "smt.adapters": 2, "smt.eval": 2, "smt.lightning": 3}
 TOP = 4
 TOP_MODULES = ("smt", "smt.__main__")
 LIGHTNING = ("lightning", "pytorch_lightning")
@@ -102,7 +102,8 @@ def test_the_check_names_an_upward_import(tmp_path, monkeypatch):
     assert offending_imports() == [
         "smt/core/layer.py:1 imports lightning.pytorch: only smt.lightning may import Lightning",
         "smt/core/model.py:4 imports smt.lightning.callback: layer 3 is above smt.core.model's layer 1",
-        "smt/flat.py is in no layer: move it into one of smt.kernels, smt.core, smt.adapters, smt.eval, smt.lightning "
+        "smt/flat.py is in no layer: move it into one of smt.kernels, smt.core, smt.data, smt.adapters, smt.eval, "
+        "smt.lightning "
         "(or add its package)",
     ]
 

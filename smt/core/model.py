@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def module_grids(targets: dict[str, nn.Module], block_size) -> dict[str, BlockGr
 def plan_pools(config: SMTConfig, grids: dict[str, BlockGrid]) -> list[Pool]:
     """The budget as pools of modules with a fixed block count each (one pool without ``config.pools``)."""
     if not config.pools:
-        k = budget_blocks(grids, config.num_blocks, config.budget_density, "smt")
+        k = budget_blocks(grids, config.num_blocks, config.budget_density, "smt", config.budget_lora_rank)
         return [Pool("all", tuple(grids), k)]
     members = assign_pools(list(grids), {name: p.pattern for name, p in config.pools.items()})
     pools = []
@@ -101,7 +102,11 @@ def plan_pools(config: SMTConfig, grids: dict[str, BlockGrid]) -> list[Pool]:
 
 
 def inject(
-    model: nn.Module, config: SMTConfig, capacity: int | None = None, grids: dict[str, BlockGrid] | None = None
+    model: nn.Module,
+    config: SMTConfig,
+    capacity: int | None = None,
+    grids: dict[str, BlockGrid] | None = None,
+    targets: dict[str, nn.Module] | None = None,
 ) -> BlockBank:
     """Freeze ``model``, wrap its targets in ``SparseBlockLinear`` and add a bank of ``K`` slots.
 
@@ -110,6 +115,7 @@ def inject(
         config: targets, block size, budget, forward mode, kernels.
         capacity: ``K`` to use instead of the budget's (e.g. the size of a saved selection).
         grids: per-module grids to use instead of ``config.block_size`` (e.g. a saved selection's).
+        targets: the modules ``config.target_modules`` names in ``model``, when the caller has found them already.
 
     Returns:
         The bank, registered on ``model`` as ``smt_bank``.
@@ -119,7 +125,7 @@ def inject(
     """
     if get_bank(model) is not None:
         raise ValueError("this model already has an smt bank; inject once, or start from a fresh model")
-    targets = find_targets(model, config.target_modules)
+    targets = find_targets(model, config.target_modules) if targets is None else targets
     grids = module_grids(targets, config.block_size) if grids is None else {name: grids[name] for name in targets}
     k = capacity if capacity is not None else sum(p.k for p in plan_pools(config, grids))
     tile = (max(g.block_rows for g in grids.values()), max(g.block_cols for g in grids.values()))
@@ -169,7 +175,7 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
         out_features, in_features, _, _ = linear_geometry(targets[name])
         grids[name] = BlockGrid(out_features, in_features, bo, bi)
     capacity = state_dict[f"{BANK_NAME}.map"].shape[0]
-    return inject(model, _config_for(names, config), capacity=capacity, grids=grids)
+    return inject(model, _config_for(names, config), capacity=capacity, grids=grids, targets=targets)
 
 
 def exact_pattern(names) -> str:
@@ -179,8 +185,8 @@ def exact_pattern(names) -> str:
 
 def _config_for(names, config: SMTConfig | None) -> SMTConfig:
     """``config`` (forward mode, kernels, Δ dtype) targeting exactly ``names``; the budget comes from elsewhere."""
-    fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
-    return SMTConfig(**{**fields, "target_modules": exact_pattern(names)})
+    budget = {"num_blocks": None, "density": None, "pools": None, "budget_lora_rank": None}
+    return replace(config or SMTConfig(), target_modules=exact_pattern(names), **budget)
 
 
 def get_bank(model: nn.Module) -> BlockBank | None:
@@ -260,6 +266,8 @@ def select_blocks(
 
 
 def _budget_dict(config: SMTConfig) -> dict:
+    if config.budget_lora_rank is not None:
+        return {"lora_rank": config.budget_lora_rank}
     return {"num_blocks": config.num_blocks} if config.num_blocks is not None else {"density": config.budget_density}
 
 

@@ -4,14 +4,14 @@ A LightningModule usually keeps its network in one attribute (``self.model = Aut
 goes on that attribute, so module names in the bank, selections and delta files are the network's own
 (``model.layers.0.self_attn.q_proj``, what a fresh ``AutoModelForCausalLM`` has) and ``merge_delta(module.model)``
 works. The patterns a user writes match names as the LightningModule has them (``model.model.layers…``, or
-suffixes): :func:`config_for_holder` turns them into the holder's exact names. When the targets sit in
+suffixes): :func:`place` turns them into the holder's exact names. When the targets sit in
 several attributes, or directly on the LightningModule, or the one attribute is a container (``ModuleList``,
 ``Sequential``, ``ModuleDict``: a child there would join its iteration), the bank stays on the LightningModule.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -23,13 +23,42 @@ from smt.core.selection import assign_pools
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
-def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
-    """The attribute of ``root`` that holds every target (``"model"``), or ``""`` for ``root`` itself.
+@dataclass(frozen=True)
+class Placement:
+    """Where the bank goes in a LightningModule, with the targets found there once."""
+
+    attribute: str
+    """The attribute of the root that holds every target (``"model"``), or ``""`` for the root itself."""
+    targets: dict[str, nn.Module]
+    """The target modules by name relative to that holder, for ``inject(…, targets=…)``."""
+    config: SMTConfig
+    """The config with its patterns as the holder's exact names (what the selection and the bank name)."""
+
+
+def place(root: nn.Module, config: SMTConfig) -> Placement:
+    """Find ``config``'s targets in ``root`` once, and the holder of them all (see the module docstring).
 
     Raises:
         ValueError: ``target_modules`` matches nothing in ``root`` (see ``find_targets``).
     """
-    names = find_targets(root, target_modules)
+    found = find_targets(root, config.target_modules)
+    attribute = _holder(root, list(found))
+    if not attribute:
+        return Placement("", found, config)
+    relative = {name: name.removeprefix(attribute + ".") for name in found}
+    pools = None
+    if config.pools:
+        members = assign_pools(list(found), {pool: p.pattern for pool, p in config.pools.items()})
+        pools = {
+            pool: replace(p, pattern=exact_pattern(relative[n] for n in members[pool]))
+            for pool, p in config.pools.items()
+        }
+    holder_config = replace(config, target_modules=exact_pattern(relative.values()), pools=pools)
+    return Placement(attribute, {relative[name]: module for name, module in found.items()}, holder_config)
+
+
+def _holder(root: nn.Module, names: list[str]) -> str:
+    """The one attribute of ``root`` under which every name sits, unless it is a target or a container; else ``""``."""
     heads = {name.split(".", 1)[0] for name in names}
     if len(heads) != 1:
         return ""
@@ -40,7 +69,7 @@ def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
 
 
 def holding_attribute_of(root: nn.Module, names: list[str]) -> str:
-    """:func:`holding_attribute` for a saved selection's module names.
+    """The holder for a saved selection's module names.
 
     Names that all exist in ``root`` were saved with the bank on ``root`` itself (its targets sit in several
     attributes or a container); otherwise they are relative to the one attribute under which they all exist. ``""``
@@ -48,30 +77,13 @@ def holding_attribute_of(root: nn.Module, names: list[str]) -> str:
     """
     modules = dict(root.named_modules())
     if all(name in modules for name in names):
-        return holding_attribute(root, exact_pattern(names))
+        return _holder(root, names)
     holders = [
         attribute
         for attribute, child in root.named_children()
         if not isinstance(child, CONTAINERS) and all(f"{attribute}.{name}" in modules for name in names)
     ]
     return holders[0] if len(holders) == 1 else ""
-
-
-def config_for_holder(config: SMTConfig, root: nn.Module, prefix: str) -> SMTConfig:
-    """``config`` for the holder at ``prefix``: its patterns, matched as ``root`` names its modules (what the user
-    wrote them against), turned into the exact names of the matched modules relative to the holder."""
-    if not prefix:
-        return config
-    names = list(find_targets(root, config.target_modules))
-    relative = {name: name.removeprefix(prefix + ".") for name in names}
-    pools = None
-    if config.pools:
-        members = assign_pools(names, {pool: p.pattern for pool, p in config.pools.items()})
-        pools = {
-            pool: replace(p, pattern=exact_pattern(relative[n] for n in members[pool]))
-            for pool, p in config.pools.items()
-        }
-    return replace(config, target_modules=exact_pattern(relative.values()), pools=pools)
 
 
 def train_densely(root: nn.Module, patterns: str | list[str], network: nn.Module) -> None:

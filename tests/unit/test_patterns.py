@@ -70,4 +70,4 @@ def test_trainable_modules_written_for_search_are_refused_with_an_example():
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules="head")
     callback._add_bank(module, callback.target(module))
     with pytest.raises(ValueError, match=r"^smt\.trainable_modules='head'.*inside 'head\.up'; write 'head\.\*'$"):
-        train_densely(module, callback.trainable_modules, callback.target(module))
+        train_densely(module, callback.config.trainable_modules, callback.target(module))

@@ -22,12 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+from harness import tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("fp32", "nf4", "int8")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024}  # fmt: skip
+TINY = tiny_llama("medium", intermediate_size=1024, vocab_size=1024)
 
 
 def rss_kib(field: str) -> int:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from smt.data.prompts import adds_special_tokens, render_prompt, render_response
 from smt.data.hub import from_pretrained
 from smt.data.loss import IGNORE_INDEX
+from smt.data.prompts import adds_special_tokens, render_prompt, render_response
 
 
 # ------------------------------------------------------------------------------------------ tokenization

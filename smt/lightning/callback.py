@@ -75,6 +75,7 @@ from smt.lightning.distributed import (
 from smt.lightning.guards import drop_gradients, loss_scale
 from smt.lightning.step_flags import step_flags
 
+
 class SparseMatrixTuning(Callback):
     """Train only the most important weight blocks of a LightningModule.
 

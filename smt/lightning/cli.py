@@ -21,9 +21,9 @@ import sys
 import warnings
 from types import MethodType
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, instantiate_class
-from jsonargparse import set_parsing_settings
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smt.core.io import WriteFailedError

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from smt.eval.tasks import detect_task, get_task, task_names
+from smt.data.hub import HUB_PREFIX, parse_hub_dataset
 from smt.data.prompts import TemplateName, check_template
 from smt.data.records import load_records, map_records, seeded_permutation, split_indices, take_limit
 from smt.data.resume_loader import ResumableLoader
@@ -42,7 +42,7 @@ from smt.data.tokens import (
     pack_examples,
     prepare_tokenizer,
 )
-from smt.data.hub import HUB_PREFIX, parse_hub_dataset
+from smt.eval.tasks import detect_task, get_task, task_names
 
 
 class InstructionDataModule(LightningDataModule):

@@ -267,8 +267,8 @@ class SMTLanguageModel(LightningModule):
         return [judge(s, o, r).correct for s, o, r in zip(specs, outputs, batch["reference"])]
 
     def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
-        from smt.eval import score_candidates_batch
         from smt.data.prompts import adds_special_tokens
+        from smt.eval import score_candidates_batch
 
         prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
         template = getattr(self.trainer.datamodule, "template", "alpaca")  # chat prompts already hold their BOS

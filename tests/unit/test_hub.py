@@ -12,9 +12,9 @@ import torch
 from helpers import tiny_llama, write_hub_dataset, write_hub_snapshot
 from transformers import ByT5Tokenizer
 
-from smt.lightning.datamodule import InstructionDataModule
-from smt.data.records import load_records
 from smt.data.hub import HubDataset, parse_hub_dataset
+from smt.data.records import load_records
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.module import SMTLanguageModel, load_causal_lm
 
 MODEL_ID = "smt-test/tiny-llama"

@@ -111,3 +111,27 @@ def test_real_use_numerics_run_on_the_debug_model(tmp_path):
     slots = [v for k, v in state.items() if k.startswith("model.smt_bank.slots.")]
     assert slots and all(s.dtype == torch.float32 for s in slots) and any(s.any() for s in slots)  # fp32 Δ, trained
     assert (tmp_path / "runs" / "debug" / "delta.safetensors").is_file()
+
+
+TINY_MODEL = [  # the shape of configs/debug.yaml's model, for configs that name an 8B model or a converted folder
+    "--model.model=null", '--model.model_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, '
+    '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384}',
+    "--model.tokenizer=bytes", "--model.dtype=float32", "--trainer.accelerator=cpu", "--trainer.devices=1",
+    "--trainer.precision=32-true", "--trainer.val_check_interval=1.0", "--smt.block_size=16", "--smt.num_blocks=4",
+    "--data.train_path=configs/data/debug.jsonl", "--data.val_path=null", "--data.val_split=8", "--data.test_paths=[]",
+    "--data.test_tasks=null", "--data.num_workers=0", "--data.batch_size=4",
+]  # fmt: skip
+RUNS_AS_SHIPPED = {"debug.yaml", "debug-nf4.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_runs_two_steps(path, tmp_path):
+    """``smt fit --config F`` from the repository root, cut to 2 steps (1 of warm-up); configs that name a big model
+    (or one a script converts) get the debug model and data instead."""
+    if path.name == "debug-nf4.yaml":
+        pytest.importorskip("bitsandbytes")
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the configs' relative paths, outputs under tmp_path
+    overrides = [] if path.name in RUNS_AS_SHIPPED else TINY_MODEL
+    args = ["fit", "--config", f"configs/{path.name}", *overrides, "--trainer.max_steps=2", "--smt.warmup_steps=1"]
+    assert main(args) == 0
+    assert any((tmp_path / "runs").rglob("delta.safetensors"))

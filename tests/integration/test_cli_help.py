@@ -1,4 +1,4 @@
-"""``smt --help`` lists every subcommand, and ``smt <command> --help`` documents each one (issue 16, point 4)."""
+"""``smt --help`` lists every subcommand, and ``smt <command> --help`` documents each one."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Models, tokenizers and data sets by hub id, offline (issue 16, point 1).
+"""Models, tokenizers and data sets by hub id, offline.
 
 The tests write a tiny model, a tokenizer and a data set into temporary caches laid out as huggingface_hub and
 datasets lay out real downloads, point the libraries at them and load everything by id with HF_HUB_OFFLINE=1

@@ -1,4 +1,4 @@
-"""One pattern convention (issue 16, point 3): a regex matches the whole name, a list names suffixes; a pattern
+"""One pattern convention: a regex matches the whole name, a list names suffixes; a pattern
 that matches nothing is refused in one line that shows a real name and a pattern that would match it."""
 
 import pytest

@@ -58,7 +58,8 @@ def worker(model_name: str, base: str, optimizer_name: str, steps: int, tokens: 
     import transformers  # noqa: F401
 
     from smt import SMTConfig, apply_selection
-    from smt.core.model import inject, plain_state_dict
+    from smt.core.merge import plain_state_dict
+    from smt.core.model import inject
     from smt.core.quant import build_optimizer, optimizer_state_bytes, tensor_bytes
 
     torch.manual_seed(0)

@@ -297,7 +297,8 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
     """Train and evaluate one cell; the result (also written to its JSON file)."""
     import torch
 
-    from smt.core.model import get_bank, merged
+    from smt.core.merge import merged
+    from smt.core.model import get_bank
 
     splits = TASKS[cell.task](harness.data_root, harness)
     module, callbacks = build_module(cell, harness)

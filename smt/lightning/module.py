@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.adapters.merge import save_merged
-from smt.core.model import DTYPES, get_bank, merged
+from smt.core.merge import merged
+from smt.core.model import DTYPES, get_bank
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 from smt.core.quant import (
     OPTIMIZERS,

@@ -24,7 +24,6 @@ most likely label (``smt.eval`` likelihood scorer). A table goes to stdout and
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from harness import StepClock, arm_callbacks, cpu_trainer, language_model, tiny_llama
+from harness import PeakMemory, StepClock, arm_callbacks, cpu_trainer, language_model, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "llm_adapters"
@@ -100,44 +99,6 @@ class Result:
 
 
 # --- measuring --------------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak memory above a baseline taken before the method's model exists (CUDA allocator or CPU RSS)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.baseline = 0
-
-    def start(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return
-        _release_free_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        self.baseline = _status_kb("VmRSS") * 1024
-
-    def peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated() if self.cuda else _status_kb("VmHWM") * 1024
-        return (peak - self.baseline) / 2**20
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}: CPU peak memory needs Linux")
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS, so one method's leftovers do not hide the next one's growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline is then a little higher, never wrong
-        pass
 
 
 def state_mb(module: torch.nn.Module) -> float:

@@ -1,13 +1,17 @@
 """What the benchmark and study scripts share: tiny-model presets, the arm builder (SMT, SMT + regrowth, LoRA, full
-fine-tuning from the same weights), the CPU Trainer they fit with, and the step clock that times every step.
+fine-tuning from the same weights), the CPU Trainer they fit with, the step clock that times every step, and peak
+memory (CUDA allocator or CPU resident set).
 
 Scripts import it as a sibling (``from harness import …``): ``python scripts/<name>.py`` puts ``scripts/`` on the path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
 import time
+from pathlib import Path
 
 from lightning.pytorch import Callback, Trainer, seed_everything
 
@@ -112,3 +116,46 @@ class StepClock(Callback):
         window = [t for t, s in tuning if s]
         plain = [t for t, s in tuning if not s]
         return statistics.median(window) / statistics.median(plain) if window and plain else float("nan")
+
+
+class PeakMemory:
+    """Peak memory above a baseline taken before the method's model exists (CUDA allocator or CPU RSS)."""
+
+    def __init__(self, device) -> None:
+        self.cuda = device.type == "cuda"
+        self.baseline = 0
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return
+        release_free_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        self.baseline = proc_status_kib("VmRSS") * 1024
+
+    def peak_mb(self) -> float:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() if self.cuda else proc_status_kib("VmHWM") * 1024
+        return (peak - self.baseline) / 2**20
+
+
+def proc_status_kib(key: str) -> int:
+    """A kB figure of this process from ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}: CPU peak memory needs Linux")
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so one method's leftovers do not hide the next one's growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is then a little higher, never wrong
+        pass

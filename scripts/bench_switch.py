@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import tiny_llama
 
 from smt import Selection, apply_selection, save_delta
 from smt.adapters.deltaset import DeltaSet
@@ -33,11 +34,10 @@ from smt.lightning.pretrained import DEFAULT_SMOLLM2_DIR, is_converted
 
 def build_model(name: str, dtype: torch.dtype, device: str):
     """The tiny random Llama of the CPU tests (hidden 256, 4 layers), or SmolLM2-135M from its local folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if name == "tiny":
-        config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=1024)  # fmt: skip
+        config = AutoConfig.for_model(**tiny_llama("medium", vocab_size=1024))
         return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     if not is_converted(DEFAULT_SMOLLM2_DIR):
         return None

@@ -3,6 +3,8 @@
     python scripts/benchmark.py             # CPU default: SmolLM2-135M-Instruct on an ARC-Easy slice (~25 min)
     python scripts/benchmark.py --tiny      # smoke run in about a minute: tiny random Llama (CI runs this)
     python scripts/benchmark.py --methods smt lora --steps 40 --task boolq --out runs/bench-boolq
+    python scripts/benchmark.py --tiny --methods smt smt+regrowth smt+regrowth-ma --steps 120 --warmup 10
+                                            # static selection vs SpIEL-style regrowth (AG, MA growth scores)
 
 Every method runs in this process, one after another, from the same weights and the same batches in the
 same order. LoRA (peft) gets the same target modules and its rank is matched to SMT's trainable-parameter
@@ -13,17 +15,18 @@ Measured per method: trainable parameters; median step time over the updating st
 ``--skip`` are left out: allocator and cache warm-up); peak memory above the memory held before the
 method's model was built (CUDA: max allocated; CPU: the process's peak resident set, VmHWM, reset
 through ``/proc/self/clear_refs``); the analytic bytes of weights + gradients + AdamW state (noise
-free); the warm-up's share of the training wall time; the final validation loss; and the test accuracy
-of the most likely label (``smt.eval`` likelihood scorer). A table goes to stdout and
+free); the warm-up's share of the training wall time; for regrowth, the median step time inside its scoring windows
+over the other tuning steps of the same run (noise cancels); the final validation loss; and the test accuracy of the
+most likely label (``smt.eval`` likelihood scorer). A table goes to stdout and
 ``benchmark.md``; the raw numbers to ``benchmark.json``; loss curves and bars to ``benchmark.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,14 +36,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from harness import PeakMemory, StepClock, arm_callbacks, cpu_trainer, language_model, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "llm_adapters"
 SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
-TINY_MODEL = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=384)  # fmt: skip
-METHODS = ("full", "lora", "smt", "smt+regrowth")
+METHODS = ("full", "lora", "smt", "smt+regrowth", "smt+regrowth-ma")
+DEFAULT_METHODS = METHODS[:4]
 
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ class Setup:
 
     @classmethod
     def tiny(cls) -> Setup:
-        return cls(model=None, model_config=TINY_MODEL, tokenizer="bytes", steps=16, warmup=2, batch_size=8,
+        return cls(model=None, model_config=tiny_llama("small"), tokenizer="bytes", steps=16, warmup=2, batch_size=8,
                    max_length=160, val_split=16, limit_test=16, block_size=16, rank=4,
                    lr={"full": 2e-3, "lora": 1e-2, "smt": 2e-2})  # fmt: skip
 
@@ -87,6 +89,7 @@ class Result:
     peak_mb: float = float("nan")
     state_mb: float = float("nan")
     warmup_share: float = 0.0
+    window_ratio: float = float("nan")
     val_loss: float = float("nan")
     accuracy: float = float("nan")
     fit_s: float = 0.0
@@ -96,77 +99,6 @@ class Result:
 
 
 # --- measuring --------------------------------------------------------------------------------------
-
-
-class StepClock(Callback):
-    """Wall time and loss of every training step, and whether it was an SMT warm-up step."""
-
-    def __init__(self, smt=None) -> None:
-        self.smt = smt
-        self.times: list[float] = []
-        self.losses: list[float] = []
-        self.warmup: list[bool] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.warmup.append(self.smt is not None and self.smt.phase == "warmup")
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
-        self.losses.append(float(outputs["loss"]))
-
-    def median_update_step(self, skip: int) -> float:
-        updating = [t for t, w in zip(self.times, self.warmup) if not w][skip:]
-        return statistics.median(updating) if updating else float("nan")
-
-    def warmup_share(self) -> float:
-        """Warm-up time ÷ training time, from median step times: one-off costs (first-call imports, allocator
-        growth) and a neighbour's burst would otherwise land on whichever steps they happened to hit."""
-        warm = [t for t, w in zip(self.times, self.warmup) if w]
-        if not warm:
-            return 0.0
-        updating = [t for t, w in zip(self.times, self.warmup) if not w]
-        warm_s = len(warm) * statistics.median(warm)
-        return warm_s / (warm_s + len(updating) * (statistics.median(updating) if updating else 0.0))
-
-
-class PeakMemory:
-    """Peak memory above a baseline taken before the method's model exists (CUDA allocator or CPU RSS)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.baseline = 0
-
-    def start(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return
-        _release_free_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        self.baseline = _status_kb("VmRSS") * 1024
-
-    def peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated() if self.cuda else _status_kb("VmHWM") * 1024
-        return (peak - self.baseline) / 2**20
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}: CPU peak memory needs Linux")
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS, so one method's leftovers do not hide the next one's growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline is then a little higher, never wrong
-        pass
 
 
 def state_mb(module: torch.nn.Module) -> float:
@@ -179,47 +111,29 @@ def state_mb(module: torch.nn.Module) -> float:
 # --- methods ----------------------------------------------------------------------------------------
 
 
-def smt_blocks(setup: Setup, model: torch.nn.Module) -> int:
-    """SMT's block budget with as many weights as LoRA of ``setup.rank`` on the same modules."""
-    from smt.core.model import find_targets, linear_geometry
-
-    lora = sum(setup.rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, setup.targets).values())
-    return max(1, round(lora / setup.block_size**2))
-
-
 def build(setup: Setup, method: str):
     """The module and callbacks of one method, from the same seed and weights."""
     from smt.core.config import RegrowthConfig
-    from smt.lightning.callback import SparseMatrixTuning
-    from smt.lightning.module import SMTLanguageModel
 
-    seed_everything(setup.seed, verbose=False)
     lr = setup.lr["smt" if method.startswith("smt") else method]
-    module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
-                              attn_implementation="sdpa", lr=lr, scheduler="cosine", lr_warmup_steps=2,
-                              min_lr_ratio=0.1, slim_checkpoints=False,
-                              gradient_checkpointing=setup.gradient_checkpointing)  # fmt: skip
-    callbacks, smt = [], None
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0, target_modules=setup.targets)
-        module.model = get_peft_model(module.model, config)
-    elif method.startswith("smt"):
-        regrowth = None
-        if method == "smt+regrowth":
-            every = max(4, setup.steps // 6)
-            regrowth = RegrowthConfig(every=every, accumulate=max(1, every // 4), rate=0.2, criterion="ag")
-        smt = SparseMatrixTuning(target_modules=setup.targets, block_size=setup.block_size,
-                                 num_blocks=smt_blocks(setup, module.model), warmup_steps=setup.warmup,
-                                 criterion="grad_sq", regrowth=regrowth)  # fmt: skip
-        callbacks.append(smt)
-    clock = StepClock(smt)
+    module = language_model(setup.model, setup.model_config, setup.tokenizer, setup.seed, lr=lr, scheduler="cosine",
+                            lr_warmup_steps=2, min_lr_ratio=0.1,
+                            gradient_checkpointing=setup.gradient_checkpointing)  # fmt: skip
+    smt_settings = {}
+    if method.startswith("smt+regrowth"):
+        every = max(4, setup.steps // 6)
+        growth = "ma" if method.endswith("-ma") else "ag"
+        regrowth = RegrowthConfig(every=every, accumulate=max(1, every // 4), rate=0.2, criterion=growth)
+        smt_settings["regrowth"] = regrowth
+    kind = "smt" if method.startswith("smt") else method
+    callbacks = arm_callbacks(module, kind, setup.targets, setup.rank, block_size=setup.block_size,
+                              warmup_steps=setup.warmup, criterion="grad_sq", **smt_settings)  # fmt: skip
+    clock = StepClock(callbacks[0] if callbacks else None)
     return module, [*callbacks, clock], clock
 
 
 def datamodule(setup: Setup, tokenizer):
-    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.datamodule import InstructionDataModule
 
     data = InstructionDataModule(train_path=setup.train_path, test_paths=[setup.test_path], val_split=setup.val_split,
                                  batch_size=setup.batch_size, eval_batch_size=16, max_length=setup.max_length,
@@ -229,12 +143,10 @@ def datamodule(setup: Setup, tokenizer):
     return data
 
 
-def trainer(callbacks: list, steps: int = -1) -> Trainer:
+def trainer(callbacks: list, steps: int = -1):
     """Fit without validation (``steps`` > 0), or validate/test (the default)."""
-    return Trainer(max_steps=steps, accelerator="auto", devices=1, precision="32-true", callbacks=callbacks,
-                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   limit_val_batches=0 if steps > 0 else None, num_sanity_val_steps=0,
-                   inference_mode=False)  # fmt: skip
+    return cpu_trainer(steps, callbacks, accelerator="auto", limit_val_batches=0 if steps > 0 else None,
+                       inference_mode=False)  # fmt: skip
 
 
 def evaluate(module, data) -> tuple[float, float]:
@@ -259,7 +171,8 @@ def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
     val_loss, acc = evaluate(module, data)
     result = Result(method, trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
                     total=sum(p.numel() for p in module.parameters()), step_s=clock.median_update_step(setup.skip),
-                    peak_mb=peak, state_mb=state_mb(module), warmup_share=clock.warmup_share(), val_loss=val_loss,
+                    peak_mb=peak, state_mb=state_mb(module), warmup_share=clock.warmup_share(),
+                    window_ratio=clock.window_ratio(), val_loss=val_loss,
                     accuracy=acc, fit_s=fit_s, losses=clock.losses, times=clock.times)  # fmt: skip
     del module, data, fit, callbacks, clock
     gc.collect()
@@ -268,11 +181,7 @@ def run_method(setup: Setup, method: str, memory: PeakMemory) -> Result:
 
 def run_base(setup: Setup) -> Result:
     """The untuned model's validation loss and accuracy (the floor every method starts from)."""
-    from smt.lightning.module import SMTLanguageModel
-
-    seed_everything(setup.seed, verbose=False)
-    module = SMTLanguageModel(model=setup.model, model_config=setup.model_config, tokenizer=setup.tokenizer,
-                              attn_implementation="sdpa")  # fmt: skip
+    module = language_model(setup.model, setup.model_config, setup.tokenizer, setup.seed)
     val_loss, acc = evaluate(module, datamodule(setup, module.tokenizer))
     total = sum(p.numel() for p in module.parameters())
     return Result("base (untuned)", total=total, val_loss=val_loss, accuracy=acc)
@@ -339,19 +248,20 @@ def table(results: list[Result]) -> str:
     full, lora = by_name.get("full"), by_name.get("lora")
     lines = [
         "| method | trainable params | % of model | median step s | × full FT | × LoRA | peak MB | × full FT | "
-        "× LoRA | weights+grads+AdamW MB | warm-up share | val loss | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "× LoRA | weights+grads+AdamW MB | warm-up share | regrowth window step ÷ other step | val loss | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.trainable:
-            lines.append(f"| {r.method} | 0 | 0 | – | – | – | – | – | – | – | – | {r.val_loss:.4f} | "
+            lines.append(f"| {r.method} | 0 | 0 | – | – | – | – | – | – | – | – | – | {r.val_loss:.4f} | "
                          f"{100 * r.accuracy:.1f} % |")  # fmt: skip
             continue
+        window = "–" if math.isnan(r.window_ratio) else f"{r.window_ratio:.2f}"
         lines.append(
             f"| {r.method} | {r.trainable:,} | {100 * r.trainable / r.total:.3f} | {r.step_s:.3f} | "
             f"{_ratio(r.step_s, full, 'step_s')} | {_ratio(r.step_s, lora, 'step_s')} | {r.peak_mb:.0f} | "
             f"{_ratio(r.peak_mb, full, 'peak_mb')} | {_ratio(r.peak_mb, lora, 'peak_mb')} | {r.state_mb:.0f} | "
-            f"{100 * r.warmup_share:.1f} % | {r.val_loss:.4f} | {100 * r.accuracy:.1f} % |"
+            f"{100 * r.warmup_share:.1f} % | {window} | {r.val_loss:.4f} | {100 * r.accuracy:.1f} % |"
         )
     return "\n".join(lines)
 
@@ -400,7 +310,7 @@ def describe(setup: Setup, data: str) -> str:
 def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="smoke run: tiny random Llama, about a minute")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), help="methods to run")
     parser.add_argument("--model", help="model folder (save_pretrained layout); default SmolLM2-135M-Instruct")
     parser.add_argument("--task", help="LLM-Adapters task folder under ../shared/data/llm_adapters")
     parser.add_argument("--steps", type=int, help="optimizer steps per method (SMT's warm-up included)")
@@ -432,7 +342,6 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, str(ROOT / "scripts"))
     setup, args = parse(argv)
     if setup.model and not Path(setup.model).is_dir():
         from smt.lightning.pretrained import prepare_smollm2

@@ -39,19 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402  (the study's model, data splits and training order)
+from harness import language_model  # noqa: E402
 
 
 def gradients(task: str, targets: list[str], seed: int, warmup: int, later: int, batch_size: int):
     """Per target module: each warm-up batch's gradient (``grad_sq`` scores are built from them), and the sum and
     the sum of squares of the gradients of the batches after them."""
     from smt.core.model import find_targets
-    from smt.lightning.data.datamodule import InstructionDataModule
-    from smt.lightning.loss import labelled_positions_loss
-    from smt.lightning.module import SMTLanguageModel
-
+    from smt.data.loss import labelled_positions_loss
+    from smt.lightning.datamodule import InstructionDataModule
     harness = quality.Harness()
-    torch.manual_seed(seed)
-    module = SMTLanguageModel(model=harness.model, attn_implementation="sdpa")
+    module = language_model(harness.model, None, None, seed)
     model = module.model.train()
     weights = {name: m.weight for name, m in find_targets(model, targets).items()}
     for p in model.parameters():

@@ -47,6 +47,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness import StepClock, arm_callbacks, cpu_trainer, language_model, tiny_llama
+
+from smt.eval.heldout import choice_accuracy, exact_match, response_nll, text_nll
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
@@ -56,8 +60,7 @@ TARGETS = {
     "v": ["v_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-TINY_MODEL = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=384)  # fmt: skip
+TINY_MODEL = tiny_llama("debug")
 
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -259,83 +262,6 @@ def write_tiny_data(root: Path) -> None:
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
-def response_nll(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8,
-                 template: str = "alpaca") -> float:  # fmt: skip
-    """Mean next-token NLL over response tokens (EOS included), weighted by token: the held-out loss."""
-    import torch
-
-    from smt.lightning.data.tokens import InstructionCollator, encode_examples
-    from smt.lightning.loss import labelled_positions_loss
-
-    columns = {"instruction": [r["instruction"] for r in records], "input": [r["input"] for r in records],
-               "response": [r["output"] for r in records]}  # fmt: skip
-    encoded = encode_examples(tokenizer, template, columns, max_length)
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(encoded["input_ids"], encoded["labels"])]
-    collate, total, count = InstructionCollator(tokenizer.pad_token_id), 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size])
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(labelled_positions_loss(model, batch)) * n
-            count += n
-    return total / max(count, 1)
-
-
-def text_nll(model, windows: list[list[int]]) -> float:
-    """Mean next-token NLL of plain text windows (no template): the forgetting probe."""
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in windows:
-            batch = torch.tensor([ids])
-            total += float(model(input_ids=batch, labels=batch).loss) * (len(ids) - 1)
-            count += len(ids) - 1
-    return total / max(count, 1)
-
-
-def choice_accuracy(model, tokenizer, records: list[dict]) -> float:
-    """lm-eval style: the choice with the largest summed log-probability per byte of its text."""
-    from smt.eval import score_candidates_batch
-    from smt.lightning.data.prompts import render_prompt
-
-    prompts = [render_prompt("alpaca", r["instruction"], r["input"]) for r in records]
-    scores = score_candidates_batch(model, tokenizer, prompts, [r["choices"] for r in records], batch_size=16)
-    correct = 0
-    for record, score in zip(records, scores):
-        per_byte = score.sum_logprob / _byte_lengths(record["choices"])
-        correct += int(int(per_byte.argmax()) == record["label"])
-    return correct / max(len(records), 1)
-
-
-def _byte_lengths(texts: list[str]):
-    import torch
-
-    return torch.tensor([max(1, len(t.encode())) for t in texts], dtype=torch.float32)
-
-
-def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 200) -> float:
-    """GSM8K greedy exact match (the last number of the output against ``#### N``)."""
-    import torch
-
-    from smt.eval import get_task, judge
-    from smt.lightning.data.prompts import render_prompt
-
-    spec, correct = get_task("gsm8k"), 0
-    tokenizer.padding_side = "left"
-    for start in range(0, len(records), 16):
-        chunk = records[start : start + 16]
-        prompts = [render_prompt("alpaca", r["instruction"]) for r in chunk]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        outputs = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(judge(spec, out, r["answer"]).correct for out, r in zip(outputs, chunk))
-    tokenizer.padding_side = "right"
-    return correct / max(len(records), 1)
-
-
 def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windows: list[list[int]]) -> dict:
     """Every metric of one trained (or untuned) model, in eval mode."""
     model.eval()
@@ -361,7 +287,7 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
 def fact_recall(model, tokenizer, records: list[dict], template: str) -> float:
     """Share of facts whose true value is the most likely of all the attribute's values (``smt.eval.recall``)."""
     from smt.eval.recall import recall
-    from smt.lightning.data.prompts import adds_special_tokens, render_prompt, render_response
+    from smt.data.prompts import adds_special_tokens, render_prompt, render_response
 
     prompts = [render_prompt(template, r["instruction"]) for r in records]
     prefixes = [render_response(template, r["context"]) for r in records]
@@ -372,71 +298,39 @@ def fact_recall(model, tokenizer, records: list[dict], template: str) -> float:
 # --- methods ------------------------------------------------------------------------------------------
 
 
-def lora_weights(model, targets: list[str], rank: int) -> int:
-    """Trainable weights of LoRA of ``rank`` on ``targets``: rank · (in + out) per module, exactly."""
-    from smt.core.model import find_targets, linear_geometry
-
-    return sum(rank * sum(linear_geometry(m)[:2]) for m in find_targets(model, targets).values())
-
-
 def build_module(cell: Cell, harness: Harness):
-    """The LightningModule and callbacks of one arm, from the same seed and weights."""
-    from lightning.pytorch import seed_everything
-
+    """The LightningModule and callbacks of one arm, from the same seed and weights, at LoRA ``cell.budget``'s size."""
     from smt.core.config import RegrowthConfig
-    from smt.lightning.callback import SparseMatrixTuning
-    from smt.lightning.module import SMTLanguageModel
+    from smt.core.scoring import get_criterion
 
-    seed_everything(cell.seed, verbose=False)
-    module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
-                              attn_implementation="sdpa", lr=cell.lr, scheduler="cosine", lr_warmup_steps=3,
-                              min_lr_ratio=0.1, slim_checkpoints=False)  # fmt: skip
+    module = language_model(harness.model, harness.model_config, harness.tokenizer, cell.seed, lr=cell.lr,
+                            scheduler="cosine", lr_warmup_steps=3, min_lr_ratio=0.1)  # fmt: skip
     kind, _, criterion = cell.arm.partition(":")
     criterion, _, side = criterion.partition("@")  # "grad_sq@32": 32² blocks instead of the cell's default
-    targets = TARGETS[cell.targets]
-    budget = lora_weights(module.model, targets, int(cell.budget.removeprefix("r")))
-    if kind == "full":
-        return module, []
-    if kind in ("lora", "rslora"):
-        from peft import LoraConfig, get_peft_model
-
-        rank = int(cell.budget.removeprefix("r"))
-        # rsLoRA scales by α/√r instead of α/r, so the update's size no longer shrinks as the rank grows
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
-                            use_rslora=kind == "rslora")  # fmt: skip
-        module.model = get_peft_model(module.model, config)
-        return module, []
-    strips = kind == "strips"
-    side = int(side) if side else cell.block_size
-    block = (1, -1) if strips else side
-    width = module.model.config.hidden_size if strips else side**2  # q/k/v/o rows read hidden_size inputs
+    rank, targets = int(cell.budget.removeprefix("r")), TARGETS[cell.targets]
+    if kind in ("full", "lora", "rslora"):
+        return module, arm_callbacks(module, kind, targets, rank)
+    block = (1, -1) if kind == "strips" else int(side) if side else cell.block_size
     regrowth = RegrowthConfig(every=20, accumulate=5, rate=0.2, criterion="ag") if kind == "regrow" else None
-    warmup = 0 if criterion in ("random", "weight_abs_mean") else cell.warmup
+    warmup = cell.warmup if get_criterion(criterion).needs_gradients else 0
     allocation = "proportional" if kind == "spread" else "global"
-    smt = SparseMatrixTuning(target_modules=targets, block_size=block, num_blocks=max(1, round(budget / width)),
-                             warmup_steps=warmup, criterion=criterion, regrowth=regrowth, seed=cell.seed,
-                             allocation=allocation)  # fmt: skip
-    return module, [smt]
+    return module, arm_callbacks(module, "smt", targets, rank, block_size=block, warmup_steps=warmup,
+                                 criterion=criterion, regrowth=regrowth, seed=cell.seed,
+                                 allocation=allocation)  # fmt: skip
+
+
+class LossCurve(StepClock):
+    """The step clock, printing the mean loss of every 10 steps."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if len(self.losses) % 10 == 0:
+            print(f"quality: step {len(self.losses)} loss {statistics.mean(self.losses[-10:]):.4f}", flush=True)
 
 
 def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -> dict:
     """Fit ``cell.steps`` optimizer steps on the training split; the loss curve and wall time."""
-    from lightning.pytorch import Callback, Trainer
-
-    from smt.lightning.data.datamodule import InstructionDataModule
-
-    losses: list[float] = []
-    times: list[float] = []
-
-    class LossCurve(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            losses.append(round(float(outputs["loss"]), 5))
-            times.append(round(time.perf_counter() - self.start, 3))
-            if len(losses) % 10 == 0:
-                print(f"quality: step {len(losses)} loss {statistics.mean(losses[-10:]):.4f}", flush=True)
+    from smt.lightning.datamodule import InstructionDataModule
 
     path = harness.work / "splits" / cell.task / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,14 +340,12 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
                                  limit_train=cell.steps * cell.batch_size, seed=cell.seed,
                                  template=task_template(cell.task), cache_dir=str(harness.work / "cache"))  # fmt: skip
     data.set_tokenizer(module.tokenizer)
-    trainer = Trainer(max_steps=cell.steps, accelerator="cpu", devices=1, precision=cell.precision,
-                      callbacks=[*callbacks, LossCurve()], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0)  # fmt: skip
+    curve = LossCurve()
+    trainer = cpu_trainer(cell.steps, [*callbacks, curve], cell.precision, accelerator="cpu", limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    return {"train_s": round(time.perf_counter() - start, 1), "median_step_s": statistics.median(times),
-            "losses": losses, "steps": trainer.global_step}  # fmt: skip
+    return {"train_s": round(time.perf_counter() - start, 1), "median_step_s": round(statistics.median(curve.times), 3),
+            "losses": [round(loss, 5) for loss in curve.losses], "steps": trainer.global_step}  # fmt: skip
 
 
 def selection_stats(model) -> dict:
@@ -474,7 +366,8 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
     """Train and evaluate one cell; the result (also written to its JSON file)."""
     import torch
 
-    from smt.core.model import get_bank, merged
+    from smt.core.merge import merged
+    from smt.core.model import get_bank
 
     splits = task_splits(cell.task, harness)
     module, callbacks = build_module(cell, harness)
@@ -495,12 +388,9 @@ def run_cell(cell: Cell, harness: Harness) -> dict:
 
 def run_base(task: str, harness: Harness) -> dict:
     """The untuned model's metrics on ``task`` (the floor every arm starts from)."""
-    from smt.lightning.module import SMTLanguageModel
-
     cell = Cell(task=task, arm="base", lr=0.0, em=exact_match_questions(task))
     splits = task_splits(task, harness)
-    module = SMTLanguageModel(model=harness.model, model_config=harness.model_config, tokenizer=harness.tokenizer,
-                              attn_implementation="sdpa")  # fmt: skip
+    module = language_model(harness.model, harness.model_config, harness.tokenizer, seed=0)
     windows = wikitext_windows(harness.data_root, module.tokenizer, harness)
     return {"cell": asdict(cell), "metrics": evaluate(module.model, module.tokenizer, splits, cell, harness, windows)}
 

@@ -105,7 +105,7 @@ def bf16_is_fast() -> bool:
 def build_cli(overrides: list[str]):
     """smt's LightningCLI on ``configs/quickstart.yaml`` plus overrides, instantiated but not run."""
     from smt.lightning.cli import SMTCLI
-    from smt.lightning.data.datamodule import InstructionDataModule
+    from smt.lightning.datamodule import InstructionDataModule
     from smt.lightning.module import SMTLanguageModel
 
     return SMTCLI(

@@ -20,7 +20,7 @@ _EXPORTS = {
     "save_delta": "smt.adapters.delta",
     "load_delta": "smt.adapters.delta",
     "read_delta": "smt.adapters.delta",
-    "merge_delta": "smt.core.model",
+    "merge_delta": "smt.core.merge",
     "trainable_summary": "smt.core.summary",
     "SparseMatrixTuning": "smt.lightning.callback",
     "DeltaSet": "smt.adapters.deltaset",
@@ -56,7 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from smt.adapters.lora import export_lora
     from smt.adapters.shira import export_shira
     from smt.core.config import SMTConfig
-    from smt.core.model import apply_selection, inject, merge_delta
+    from smt.core.merge import merge_delta
+    from smt.core.model import apply_selection, inject
     from smt.core.selection import Selection, select_top_k
     from smt.core.summary import trainable_summary
     from smt.kernels.blocks import BlockGrid

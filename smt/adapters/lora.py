@@ -27,7 +27,8 @@ from torch import nn
 
 from smt.adapters.delta import dense_deltas_of, read_delta
 from smt.adapters.deltaset import check_delta_fits
-from smt.core.model import logical_weight, remove_smt, sparse_layers
+from smt.core.merge import remove_smt
+from smt.core.model import logical_weight, sparse_layers
 
 REPORT_NAME = "smt_lora_report.json"
 

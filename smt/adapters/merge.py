@@ -1,6 +1,6 @@
 """Tuned models as plain ones: ``W0 + Δ`` saved with ``save_pretrained``, and deltas fused into a plain base.
 
-- ``save_merged``: a float base holds ``W0 + Δ`` in place (``smt.core.model.merged``) and is saved with its own
+- ``save_merged``: a float base holds ``W0 + Δ`` in place (``smt.core.merge.merged``) and is saved with its own
   keys; a quantized base (``smt.core.quant.is_quantized``, the one test) cannot, so it is dequantized one weight at a
   time, Δ added, and saved in bf16 with plain Linear layers (``save_dequantized``), or re-quantized in its own
   format, ``Q' = quant(deq(Q) + Δ)``, with the error of every layer reported (``save_requantized``).
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from smt.adapters.deltaset import flat_storage, module_deltas, read_delta_for, weighted_sum
-from smt.core.model import BANK_NAME, DTYPES, merged, plain_state_dict, remove_smt, sparse_layers
+from smt.core.merge import merged, plain_state_dict, remove_smt
+from smt.core.model import BANK_NAME, DTYPES, sparse_layers
 from smt.core.quant import (
     bnb_config,
     dequantized_weight,

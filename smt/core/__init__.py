@@ -2,6 +2,6 @@
 apply / merge, regrowth, quantized bases, and the file helpers selections use.
 
 Imports point down only: ``smt.kernels`` ← ``smt.core`` ← ``smt.adapters`` / ``smt.eval`` ← ``smt.lightning``
-(enforced by ``tests/unit/test_layers.py``). Import the modules themselves (``smt.core.model``); this package
+(enforced by ``tests/unit/test_architecture.py``). Import the modules themselves (``smt.core.model``); this package
 re-exports nothing, so importing it costs nothing.
 """

@@ -1,6 +1,10 @@
-"""Typed configuration of Sparse Matrix Tuning. Field docstrings become ``--help`` text in the CLI.
+"""Typed configuration of Sparse Matrix Tuning: each setting is declared here once, and its docstring is the
+``--help`` text of ``smt fit`` (``--smt.<field>``; the callback's own settings extend this class in
+``smt.lightning.callback_config``).
 
-Every check runs in ``__post_init__`` and fails with one line that names the field and the fix.
+Every check that needs no model runs in ``__post_init__``, so a bad value stops a run before any model loads, with
+one line that names the field and the fix. Checks against the model's shapes (a block larger than a weight, a budget
+above the eligible blocks) run where the shapes are known.
 """
 
 from __future__ import annotations
@@ -8,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from smt.core.scoring import CRITERIA  # the registry: a criterion added with register_criterion is accepted here
+from smt.core.scoring import get_criterion  # the registry: a criterion added with register_criterion is accepted
 from smt.kernels import KERNEL_CHOICES
+from smt.kernels.blocks import block_pair
 
 FORWARD_MODES = ("auto", "materialize", "additive")
 ALLOCATIONS = ("global", "proportional")
@@ -50,9 +55,12 @@ class SMTConfig:
     """Block shape ``(rows, cols)`` or one int for square blocks; ``-1`` = the full dimension (strips:
     ``[1, -1]`` selects output channels, S²FT-style). Larger = faster kernels, coarser selection."""
     num_blocks: int | None = None
-    """Total blocks to tune (set this or ``density``, not both)."""
+    """Total blocks to tune (set one of ``num_blocks``, ``density``, ``budget_lora_rank``)."""
     density: float | None = None
-    """Fraction of targeted parameters to tune, e.g. 0.01 (default 0.01 when neither budget is set)."""
+    """Fraction of targeted parameters to tune, e.g. 0.01 (default 0.01 when no budget is set)."""
+    budget_lora_rank: int | None = None
+    """As many blocks as LoRA of this rank has weights on the same targets: rank r on an out×in matrix is
+    r·(out + in) weights (``smt.core.selection.lora_equal_blocks``), e.g. 8 to compare with LoRA r=8."""
     pools: dict[str, PoolConfig] | None = None
     """Separate budgets per named pool of modules (e.g. ``attention`` and ``mlp``); replaces the global
     budget. A target module belongs to the first pool whose pattern (full match, or suffix list) it matches."""
@@ -67,7 +75,7 @@ class SMTConfig:
     warmup_steps: int = 100
     """Optimizer steps of scoring before selection (nothing is updated during them)."""
     criterion: str = "grad_sq"
-    """Block score: ``grad_sq`` (Σ of squared block gradients per micro-batch, memory-light), ``grad_mean_abs``
+    """block score: ``grad_sq`` (Σ of squared block gradients per micro-batch, memory-light), ``grad_mean_abs``
     (|mean of the summed gradient|, memory-light), ``grad_abs_mean`` (mean |summed gradient|, SMT's README
     choice: exact, keeps one fp32 accumulator the size of each weight), ``grad_l1`` (Σ|block gradient| per
     micro-batch, the memory-light upper bound of ``grad_abs_mean``), ``grad_snr`` (mean per-weight signal-to-noise
@@ -88,15 +96,23 @@ class SMTConfig:
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
             self.block_size = tuple(self.block_size)
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+        block_pair(self.block_size)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("smt.target_modules is empty; name at least one module, e.g. ['v_proj']")
         if self.pools:
-            if self.num_blocks is not None or self.density is not None:
-                raise ValueError("smt.pools replaces smt.num_blocks/smt.density; set only one of them")
+            if self.num_blocks is not None or self.density is not None or self.budget_lora_rank is not None:
+                raise ValueError("smt.pools replaces smt.num_blocks/density/budget_lora_rank; set only one of them")
             self.pools = {name: PoolConfig(**p) if isinstance(p, dict) else p for name, p in self.pools.items()}
         else:
             _check_budget(self.num_blocks, self.density, "smt", required=False)
-        _check_choice(self.criterion, CRITERIA, "criterion")
+        if self.budget_lora_rank is not None:
+            if self.num_blocks is not None or self.density is not None:
+                raise ValueError("smt.budget_lora_rank is a budget of its own; unset smt.num_blocks/smt.density")
+            if self.budget_lora_rank < 1:
+                raise ValueError(f"smt.budget_lora_rank={self.budget_lora_rank} must be ≥ 1")
+        get_criterion(self.criterion)
         _check_choice(self.allocation, ALLOCATIONS, "allocation")
         _check_choice(self.forward, FORWARD_MODES, "forward")
         _check_choice(self.kernel, KERNEL_CHOICES, "kernel")
@@ -112,7 +128,7 @@ class SMTConfig:
     @property
     def budget_density(self) -> float | None:
         """The density budget in force (the default when no budget was set)."""
-        if self.num_blocks is None and self.density is None and not self.pools:
+        if self.num_blocks is None and self.density is None and self.budget_lora_rank is None and not self.pools:
             return DEFAULT_DENSITY
         return self.density
 

@@ -209,7 +209,7 @@ class SparseBlockLinear(nn.Module):
     def _forward_no_grad(self, x: torch.Tensor, delta: torch.Tensor, plan: BlockPlan, ops) -> torch.Tensor:
         """The training forward's math without autograd or saved columns (bit-equal to the merged model).
 
-        For many calls on fixed Δ (generation), ``smt.core.model.merged(model)`` avoids the per-call weight copy.
+        For many calls on fixed Δ (generation), ``smt.core.merge.merged(model)`` avoids the per-call weight copy.
         """
         if self.forward_mode == "additive":
             y = self.base(x)

@@ -2,7 +2,8 @@
 
 The life of a model: ``inject`` (freeze, wrap targets, add a bank of K slots) → ``start_scoring`` /
 training steps / ``select_blocks`` (warm-up) → ``apply_selection`` (slots on the chosen blocks, Δ
-trained) → ``save_delta`` or ``merge_delta`` (plain modules with ``W0 + Δ``). ``apply_selection`` also
+trained) → ``save_delta`` or ``merge_delta`` (``smt.core.merge``: plain modules with ``W0 + Δ``).
+``apply_selection`` also
 works on a fresh model and injects what it needs, so a saved selection or delta skips the warm-up.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def module_grids(targets: dict[str, nn.Module], block_size) -> dict[str, BlockGr
 def plan_pools(config: SMTConfig, grids: dict[str, BlockGrid]) -> list[Pool]:
     """The budget as pools of modules with a fixed block count each (one pool without ``config.pools``)."""
     if not config.pools:
-        k = budget_blocks(grids, config.num_blocks, config.budget_density, "smt")
+        k = budget_blocks(grids, config.num_blocks, config.budget_density, "smt", config.budget_lora_rank)
         return [Pool("all", tuple(grids), k)]
     members = assign_pools(list(grids), {name: p.pattern for name, p in config.pools.items()})
     pools = []
@@ -101,7 +102,11 @@ def plan_pools(config: SMTConfig, grids: dict[str, BlockGrid]) -> list[Pool]:
 
 
 def inject(
-    model: nn.Module, config: SMTConfig, capacity: int | None = None, grids: dict[str, BlockGrid] | None = None
+    model: nn.Module,
+    config: SMTConfig,
+    capacity: int | None = None,
+    grids: dict[str, BlockGrid] | None = None,
+    targets: dict[str, nn.Module] | None = None,
 ) -> BlockBank:
     """Freeze ``model``, wrap its targets in ``SparseBlockLinear`` and add a bank of ``K`` slots.
 
@@ -110,6 +115,7 @@ def inject(
         config: targets, block size, budget, forward mode, kernels.
         capacity: ``K`` to use instead of the budget's (e.g. the size of a saved selection).
         grids: per-module grids to use instead of ``config.block_size`` (e.g. a saved selection's).
+        targets: the modules ``config.target_modules`` names in ``model``, when the caller has found them already.
 
     Returns:
         The bank, registered on ``model`` as ``smt_bank``.
@@ -119,7 +125,7 @@ def inject(
     """
     if get_bank(model) is not None:
         raise ValueError("this model already has an smt bank; inject once, or start from a fresh model")
-    targets = find_targets(model, config.target_modules)
+    targets = find_targets(model, config.target_modules) if targets is None else targets
     grids = module_grids(targets, config.block_size) if grids is None else {name: grids[name] for name in targets}
     k = capacity if capacity is not None else sum(p.k for p in plan_pools(config, grids))
     tile = (max(g.block_rows for g in grids.values()), max(g.block_cols for g in grids.values()))
@@ -169,7 +175,7 @@ def inject_from_state(model: nn.Module, state_dict: dict, config: SMTConfig | No
         out_features, in_features, _, _ = linear_geometry(targets[name])
         grids[name] = BlockGrid(out_features, in_features, bo, bi)
     capacity = state_dict[f"{BANK_NAME}.map"].shape[0]
-    return inject(model, _config_for(names, config), capacity=capacity, grids=grids)
+    return inject(model, _config_for(names, config), capacity=capacity, grids=grids, targets=targets)
 
 
 def exact_pattern(names) -> str:
@@ -179,8 +185,8 @@ def exact_pattern(names) -> str:
 
 def _config_for(names, config: SMTConfig | None) -> SMTConfig:
     """``config`` (forward mode, kernels, Δ dtype) targeting exactly ``names``; the budget comes from elsewhere."""
-    fields = {k: v for k, v in vars(config or SMTConfig()).items() if k not in ("num_blocks", "density", "pools")}
-    return SMTConfig(**{**fields, "target_modules": exact_pattern(names)})
+    budget = {"num_blocks": None, "density": None, "pools": None, "budget_lora_rank": None}
+    return replace(config or SMTConfig(), target_modules=exact_pattern(names), **budget)
 
 
 def get_bank(model: nn.Module) -> BlockBank | None:
@@ -262,6 +268,8 @@ def select_blocks(
 
 
 def _budget_dict(config: SMTConfig) -> dict:
+    if config.budget_lora_rank is not None:
+        return {"lora_rank": config.budget_lora_rank}
     return {"num_blocks": config.num_blocks} if config.num_blocks is not None else {"density": config.budget_density}
 
 
@@ -361,80 +369,3 @@ def current_selection(model: nn.Module) -> Selection:
         provenance.get("warmup_steps", 0),
         provenance.get("model_id"),
     )
-
-
-# --- taking SMT out -----------------------------------------------------------------------------------
-
-
-def remove_smt(model: nn.Module, replace: Callable[[str, SparseBlockLinear], nn.Module] | None = None) -> nn.Module:
-    """Take SMT out of ``model``: a plain module goes back in place of every wrapped layer, and the bank goes.
-
-    The one way out, used by ``merge_delta`` (``W0 + Δ`` written first), by the LoRA export's base copy and by the
-    re-quantized export (a new quantized layer per tuned one).
-
-    Args:
-        model: the network the bank is on, or any module around it.
-        replace: ``(name, layer) → module`` to put in place of each wrapped layer; default: its own base module.
-
-    Returns:
-        ``model`` itself, without wrapped layers or bank.
-    """
-    holder = bank_holder(model)
-    for name, layer in sparse_layers(holder).items():
-        holder.set_submodule(name, layer.base if replace is None else replace(name, layer))
-    delattr(holder, BANK_NAME)
-    return model
-
-
-def merge_delta(model: nn.Module) -> nn.Module:
-    """Write ``W0 + Δ`` into each target's weight and put the plain modules back; removes the bank.
-
-    ``model`` is the network the bank is on or any module around it (e.g. the LightningModule whose ``self.model``
-    the callback tuned).
-
-    Returns:
-        ``model`` itself, now a plain model (e.g. ready for transformers' ``save_pretrained``).
-
-    Raises:
-        ValueError: a tuned layer is quantized (its storage cannot hold ``W0 + Δ``); nothing is changed then.
-    """
-    layers = sparse_layers(model)
-    quantized = [name for name, layer in layers.items() if layer.quantized and layer.slot_ids()]
-    if quantized:
-        raise ValueError(
-            f"cannot merge into {quantized[0]} ({type(layers[quantized[0]].base).__name__}): quantized storage cannot "
-            "hold W0 + Δ; save a dequantized or re-quantized copy instead (smt export --merged [--requantize])"
-        )
-    for layer in layers.values():
-        layer.merge()
-    return remove_smt(model)
-
-
-class merged:
-    """Context manager: every wrapped layer holds ``W0 + Δ`` inside, the original bits after.
-
-    Quantized layers stay as they are and add Δ in their forward (see ``SparseBlockLinear.merge``), so the model
-    computes ``W0 + Δ`` everywhere inside, without a per-call weight copy where the weight can hold it. A model
-    without a bank is left as it is.
-
-    Example:
-        >>> with merged(model):  # doctest: +SKIP
-        ...     model.save_pretrained(out, state_dict=plain_state_dict(model))
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = list(sparse_layers(model).values()) if get_bank(model) is not None else []
-
-    def __enter__(self) -> list[SparseBlockLinear]:
-        for layer in self.layers:
-            layer.merge()
-        return self.layers
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.layers:
-            layer.unmerge()
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without smt's own entries: the keys of the model before injection."""
-    return {k: v for k, v in model.state_dict().items() if BANK_NAME not in k.split(".")}

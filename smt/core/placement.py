@@ -1,39 +1,64 @@
-"""Where the callback puts the bank inside a LightningModule, and how checkpoints from the old placement load.
+"""Where the callback puts the bank inside a LightningModule.
 
 A LightningModule usually keeps its network in one attribute (``self.model = AutoModelForCausalLM…``). The bank
 goes on that attribute, so module names in the bank, selections and delta files are the network's own
 (``model.layers.0.self_attn.q_proj``, what a fresh ``AutoModelForCausalLM`` has) and ``merge_delta(module.model)``
-works. The patterns a user writes still match names as the LightningModule has them (``model.model.layers…``, or
-suffixes), as before: :func:`config_for_holder` turns them into the holder's exact names. When the targets sit in
+works. The patterns a user writes match names as the LightningModule has them (``model.model.layers…``, or
+suffixes): :func:`place` turns them into the holder's exact names. When the targets sit in
 several attributes, or directly on the LightningModule, or the one attribute is a container (``ModuleList``,
 ``Sequential``, ``ModuleDict``: a child there would join its iteration), the bank stays on the LightningModule.
-
-Runs written before this placement kept the bank on the LightningModule (keys ``smt_bank.*``, module names
-``model.layers…``); :func:`relocate_root_bank` rewrites such a state dict for the new place as it loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from smt.core.config import SMTConfig
 from smt.core.model import BANK_NAME, exact_pattern, find_targets, sparse_layers
 from smt.core.patterns import name_matcher, no_match_error
-from smt.core.selection import Selection, assign_pools
+from smt.core.selection import assign_pools
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
-def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
-    """The attribute of ``root`` that holds every target (``"model"``), or ``""`` for ``root`` itself.
+@dataclass(frozen=True)
+class Placement:
+    """Where the bank goes in a LightningModule, with the targets found there once."""
+
+    attribute: str
+    """The attribute of the root that holds every target (``"model"``), or ``""`` for the root itself."""
+    targets: dict[str, nn.Module]
+    """The target modules by name relative to that holder, for ``inject(…, targets=…)``."""
+    config: SMTConfig
+    """The config with its patterns as the holder's exact names (what the selection and the bank name)."""
+
+
+def place(root: nn.Module, config: SMTConfig) -> Placement:
+    """Find ``config``'s targets in ``root`` once, and the holder of them all (see the module docstring).
 
     Raises:
         ValueError: ``target_modules`` matches nothing in ``root`` (see ``find_targets``).
     """
-    names = find_targets(root, target_modules)
+    found = find_targets(root, config.target_modules)
+    attribute = _holder(root, list(found))
+    if not attribute:
+        return Placement("", found, config)
+    relative = {name: name.removeprefix(attribute + ".") for name in found}
+    pools = None
+    if config.pools:
+        members = assign_pools(list(found), {pool: p.pattern for pool, p in config.pools.items()})
+        pools = {
+            pool: replace(p, pattern=exact_pattern(relative[n] for n in members[pool]))
+            for pool, p in config.pools.items()
+        }
+    holder_config = replace(config, target_modules=exact_pattern(relative.values()), pools=pools)
+    return Placement(attribute, {relative[name]: module for name, module in found.items()}, holder_config)
+
+
+def _holder(root: nn.Module, names: list[str]) -> str:
+    """The one attribute of ``root`` under which every name sits, unless it is a target or a container; else ``""``."""
     heads = {name.split(".", 1)[0] for name in names}
     if len(heads) != 1:
         return ""
@@ -44,38 +69,21 @@ def holding_attribute(root: nn.Module, target_modules: str | list[str]) -> str:
 
 
 def holding_attribute_of(root: nn.Module, names: list[str]) -> str:
-    """:func:`holding_attribute` for a saved selection's module names, whichever placement saved them.
+    """The holder for a saved selection's module names.
 
-    Names that all exist in ``root`` were saved with the bank on the LightningModule (before this placement);
-    otherwise they are relative to the one attribute under which they all exist. ``""`` when neither fits (the
-    selection is then checked against ``root`` and refused in one line).
+    Names that all exist in ``root`` were saved with the bank on ``root`` itself (its targets sit in several
+    attributes or a container); otherwise they are relative to the one attribute under which they all exist. ``""``
+    when neither fits (the selection is then checked against ``root`` and refused in one line).
     """
     modules = dict(root.named_modules())
     if all(name in modules for name in names):
-        return holding_attribute(root, exact_pattern(names))
+        return _holder(root, names)
     holders = [
         attribute
         for attribute, child in root.named_children()
         if not isinstance(child, CONTAINERS) and all(f"{attribute}.{name}" in modules for name in names)
     ]
     return holders[0] if len(holders) == 1 else ""
-
-
-def config_for_holder(config: SMTConfig, root: nn.Module, prefix: str) -> SMTConfig:
-    """``config`` for the holder at ``prefix``: its patterns, matched as ``root`` names its modules (what the user
-    wrote them against), turned into the exact names of the matched modules relative to the holder."""
-    if not prefix:
-        return config
-    names = list(find_targets(root, config.target_modules))
-    relative = {name: name.removeprefix(prefix + ".") for name in names}
-    pools = None
-    if config.pools:
-        members = assign_pools(names, {pool: p.pattern for pool, p in config.pools.items()})
-        pools = {
-            pool: replace(p, pattern=exact_pattern(relative[n] for n in members[pool]))
-            for pool, p in config.pools.items()
-        }
-    return replace(config, target_modules=exact_pattern(relative.values()), pools=pools)
 
 
 def train_densely(root: nn.Module, patterns: str | list[str], network: nn.Module) -> None:
@@ -101,56 +109,3 @@ def train_densely(root: nn.Module, patterns: str | list[str], network: nn.Module
 
 def _owns_parameters(module: nn.Module) -> bool:
     return next(module.parameters(recurse=False), None) is not None
-
-
-def relocate_root_bank(state_dict: dict, prefix: str) -> None:
-    """Move a bank saved on the root (``smt_bank.*``) to ``<prefix>.smt_bank.*``, in place; a no-op otherwise.
-
-    The bank's module names lose ``<prefix>.``, as names relative to the new holder.
-    """
-    old = BANK_NAME + "."
-    if not prefix or f"{prefix}.{old}map" in state_dict or f"{old}map" not in state_dict:
-        return
-    for key in [k for k in state_dict if k.startswith(old)]:
-        value = state_dict.pop(key)
-        if key == f"{old}_extra_state" and isinstance(value, dict):
-            value = {**value, "modules": [name.removeprefix(prefix + ".") for name in value["modules"]]}
-        state_dict[f"{prefix}.{key}"] = value
-
-
-def relative_names(by_name: dict, prefix: str, known: Collection[str] = ()) -> dict:
-    """``{name: value}`` with ``<prefix>.`` taken off names saved relative to the root (old placement).
-
-    Names that are all in ``known`` (the holder's own names) are kept as they are: a network's names may start with
-    the attribute that holds it (``model.layers…`` inside ``module.model``) without being root-relative.
-    """
-    if not prefix or not by_name or all(name in known for name in by_name):
-        return by_name
-    if not all(name.startswith(prefix + ".") for name in by_name):
-        return by_name
-    return {name.removeprefix(prefix + "."): value for name, value in by_name.items()}
-
-
-def relative_regrowth_state(state: dict, prefix: str, known: Collection[str] = ()) -> dict:
-    """A ``Regrower.state_dict()`` with its per-module entries named relative to ``prefix`` (see ``relative_names``)."""
-    return {
-        **state,
-        "scorers": relative_names(state["scorers"], prefix, known),
-        "ema": relative_names(state["ema"], prefix, known),
-    }
-
-
-def relative_selection(selection: Selection, prefix: str, known: Collection[str] = ()) -> Selection:
-    """A selection saved with root-relative names (old placement), renamed for the holder at ``prefix``."""
-    grids = relative_names(selection.grids, prefix, known)
-    if grids is selection.grids:
-        return selection
-    return Selection(
-        relative_names(selection.blocks, prefix, known),
-        grids,
-        selection.criterion,
-        selection.budget,
-        selection.warmup_steps,
-        selection.model_id,
-        None if selection.scores is None else relative_names(selection.scores, prefix, known),
-    )

@@ -79,6 +79,22 @@ def _per_element(acc: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
 CRITERIA: dict[str, Criterion] = {}
 
 
+def get_criterion(name: str) -> Criterion:
+    """The registered criterion ``name`` (the one check of a criterion's name, for the config and the scorers).
+
+    Raises:
+        ValueError: no criterion is registered under ``name``.
+    """
+    if name not in CRITERIA:
+        raise ValueError(f"smt.criterion={name!r} is not one of {', '.join(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def gradient_free_criteria() -> tuple[str, ...]:
+    """The registered criteria that score without gradients: they need no warm-up (``smt.warmup_steps: 0``)."""
+    return tuple(name for name, criterion in CRITERIA.items() if not criterion.needs_gradients)
+
+
 def register_criterion(criterion: Criterion) -> None:
     """Add a criterion to the registry (a name may be registered once)."""
     if criterion.name in CRITERIA:
@@ -168,10 +184,8 @@ class BlockScorer:
         seed: int = 0,
         accumulator_device: str | torch.device | None = None,
     ) -> None:
-        if criterion not in CRITERIA:
-            raise ValueError(f"smt.criterion={criterion!r} is not one of {', '.join(CRITERIA)}")
         self.grid, self.name, self.seed = grid, name, seed
-        self.criterion = CRITERIA[criterion]
+        self.criterion = get_criterion(criterion)
         self.accumulator_device = accumulator_device
         self.loss_scale = 1.0
         self.total: torch.Tensor | None = None

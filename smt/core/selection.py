@@ -182,21 +182,44 @@ class Pool:
     k: int
 
 
-def budget_blocks(grids: dict[str, BlockGrid], num_blocks: int | None, density: float | None, label: str) -> int:
-    """Turn a budget into a block count ``K`` for modules with ``grids``, before any score is known.
+def lora_weights(grids: dict[str, BlockGrid], rank: int) -> int:
+    """Trainable weights of LoRA of ``rank`` on these modules: ``rank · (out + in)`` per ``out × in`` matrix."""
+    return sum(rank * (g.out_features + g.in_features) for g in grids.values())
+
+
+def lora_equal_blocks(grids: dict[str, BlockGrid], rank: int) -> int:
+    """Blocks holding as many weights as LoRA of ``rank`` on the same modules (users think in LoRA ranks; PEFT's
+    SHiRA states its budget the same way): ``Σ rank · (out + in)`` over the mean block size, at least one.
+
+    Example:
+        >>> lora_equal_blocks({"q": BlockGrid(576, 576, 64, 64)}, rank=8)  # 8 · 1152 weights / 64² per block
+        2
+    """
+    eligible = sum(g.num_blocks for g in grids.values())
+    mean_block = sum(g.numel for g in grids.values()) / eligible
+    return max(1, round(lora_weights(grids, rank) / mean_block))
+
+
+def budget_blocks(
+    grids: dict[str, BlockGrid], num_blocks: int | None, density: float | None, label: str, lora_rank: int | None = None
+) -> int:
+    """Turn a budget (a block count, a density, or a LoRA rank to match) into a block count ``K`` for modules with
+    ``grids``, before any score is known.
 
     Raises:
         ValueError: the budget exceeds the eligible blocks or rounds to nothing.
     """
     eligible = sum(g.num_blocks for g in grids.values())
-    if num_blocks is None:
+    if lora_rank is not None:
+        num_blocks = lora_equal_blocks(grids, lora_rank)
+    elif num_blocks is None:
         params = sum(g.numel for g in grids.values())
         mean_block = params / eligible
         num_blocks = max(1, round(density * params / mean_block))
     if num_blocks > eligible:
         raise ValueError(
             f"{label}: budget of {num_blocks} blocks exceeds the {eligible} eligible blocks of {len(grids)} modules; "
-            "lower num_blocks/density or use smaller blocks"
+            "lower num_blocks/density/budget_lora_rank or use smaller blocks"
         )
     return num_blocks
 

@@ -1,6 +1,6 @@
 """Evaluation of fine-tuned LMs on the LLM-Adapters commonsense and math suites and GSM8K (no Lightning).
 
-Two ways to score a test example whose prompt comes from ``smt.lightning.data.prompts`` (the data module's
+Two ways to score a test example whose prompt comes from ``smt.data.prompts`` (the data module's
 ``test_dataloader`` yields ``prompt``, ``reference`` and ``task`` per example):
 
 * **Generation** (the papers' protocol): generate a response, then
@@ -29,7 +29,6 @@ from smt.eval.extract import (
     extract_choice,
     extract_last_number,
     extract_letter,
-    gsm8k_reference,
     judge,
 )
 from smt.eval.likelihood import CandidateScores, predict_labels, score_candidates, score_candidates_batch
@@ -57,7 +56,6 @@ __all__ = [
     "extract_letter",
     "format_markdown_table",
     "get_task",
-    "gsm8k_reference",
     "judge",
     "macro_average",
     "micro_average",

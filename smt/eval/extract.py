@@ -8,13 +8,11 @@
 * AQuA (``letter``): the prediction is the **first** capital letter A–E in the stripped output (the
   protocol's rule, which can pick up a capital "A" article; ``standalone=True`` is a stricter option
   that only accepts a letter standing alone, e.g. ``(C)`` or ``C.``).
-* GSM8K reference answers: the number after the last ``####``, commas removed.
 
 API:
     ``extract_choice(text, labels) -> str | None``
     ``extract_last_number(text) -> float | None``
     ``extract_letter(text, letters="ABCDE", standalone=False) -> str | None``
-    ``gsm8k_reference(answer) -> str``
     ``judge(spec, output, reference) -> Judgement(prediction, correct)``
 """
 
@@ -102,31 +100,6 @@ def extract_letter(text: str, letters: str | tuple[str, ...] = "ABCDE", standalo
     pattern = rf"(?<![A-Za-z]){letter_class}(?![A-Za-z])" if standalone else letter_class
     match = re.search(pattern, text.strip())
     return match.group(0) if match else None
-
-
-def gsm8k_reference(answer: str) -> str:
-    """The final answer of a GSM8K solution: the number after the last ``####``, commas removed.
-
-    Args:
-        answer: a GSM8K ``answer`` field (worked solution ending in ``#### N``).
-
-    Returns:
-        The final answer as text, e.g. ``"18"`` or ``"-3.5"``.
-
-    Raises:
-        ValueError: there is no ``####`` marker or nothing numeric after it.
-
-    Example:
-        >>> gsm8k_reference("She makes 9 * 2 = $<<9*2=18>>18.\\n#### 1,018")
-        '1018'
-    """
-    _, marker, tail = answer.rpartition("####")
-    if not marker:
-        raise ValueError(f"GSM8K answer has no '####' final-answer marker: {answer[-60:]!r}")
-    value = tail.strip().replace(",", "").rstrip(".")
-    if _NUMBER.fullmatch(value) is None:
-        raise ValueError(f"GSM8K answer has no number after '####': {tail.strip()[:40]!r}")
-    return value
 
 
 def judge(spec: TaskSpec, output: str, reference: str) -> Judgement:

@@ -90,7 +90,7 @@ def predict_labels(
         model: see :func:`score_candidates`.
         tokenizer: see :func:`score_candidates`.
         spec: a task with a label set (``spec.supports_likelihood``), e.g. ``get_task("boolq")``.
-        prompts: rendered prompts (``smt.lightning.data.prompts.render_prompt``), ending where the response begins.
+        prompts: rendered prompts (``smt.data.prompts.render_prompt``), ending where the response begins.
         batch_size: rows (prompt + label) per forward pass.
         normalize: rank labels by per-token mean instead of summed log-probability.
         max_length: longest row; longer prompts are cut from the left.

@@ -22,6 +22,22 @@ FULL = -1
 """A block-size entry that means "the whole dimension" (a strip)."""
 
 
+def block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A configured block size as ``(rows, cols)``, checked without any weight: an int means square blocks, ``-1``
+    the full dimension.
+
+    Raises:
+        ValueError: not an int or a pair, or a dimension is zero or below -1.
+    """
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2:
+        raise ValueError(f"smt.block_size={block_size!r} must be an int or a pair (rows, cols)")
+    for size, axis in zip(pair, ("rows", "cols")):
+        if size != FULL and size < 1:
+            raise ValueError(f"smt.block_size={block_size!r} has {axis}={size}; use a positive size or -1 (full)")
+    return pair[0], pair[1]
+
+
 def resolve_block_size(
     block_size: int | tuple[int, int] | list[int], shape: tuple[int, int], name: str
 ) -> tuple[int, int]:
@@ -36,21 +52,16 @@ def resolve_block_size(
         ``(bo, bi)`` with ``1 ≤ bo ≤ out`` and ``1 ≤ bi ≤ in``.
 
     Raises:
-        ValueError: a block dimension is zero, below -1, or larger than the weight.
+        ValueError: a bad block size (see :func:`block_pair`), or a block larger than the weight.
     """
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2:
-        raise ValueError(f"smt.block_size={block_size!r} must be an int or a pair (rows, cols)")
+    pair = block_pair(block_size)
     out_features, in_features = shape
     resolved = []
     for size, extent, axis in zip(pair, (out_features, in_features), ("rows", "cols")):
-        if size == FULL:
-            size = extent
-        if size < 1:
-            raise ValueError(f"smt.block_size={block_size!r} has {axis}={size}; use a positive size or -1 (full)")
+        size = extent if size == FULL else size
         if size > extent:
             raise ValueError(
-                f"smt.block_size={tuple(pair)} does not fit {name} ({out_features}×{in_features}); "
+                f"smt.block_size={pair} does not fit {name} ({out_features}×{in_features}); "
                 f"use {axis} ≤ {extent} or -1 for the full dimension"
             )
         resolved.append(size)

@@ -27,7 +27,7 @@ module wrap the step-wise lambda with ``smt.lightning.schedules.after_warmup`` (
 
 from __future__ import annotations
 
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from smt.adapters.delta import read_selection
-from smt.core.config import PoolConfig, RegrowthConfig, SMTConfig
+from smt.core.config import SMTConfig
 from smt.core.model import (
     apply_selection,
     current_selection,
@@ -47,13 +47,8 @@ from smt.core.model import (
     stop_scoring,
 )
 from smt.core.placement import (
-    config_for_holder,
-    holding_attribute,
     holding_attribute_of,
-    relative_names,
-    relative_regrowth_state,
-    relative_selection,
-    relocate_root_bank,
+    place,
     train_densely,
 )
 from smt.core.progress import (
@@ -63,9 +58,10 @@ from smt.core.progress import (
     slots_learning_rate_positive,
 )
 from smt.core.regrowth import Regrower, describe_event
-from smt.core.scoring import CRITERIA, check_accumulator_memory
+from smt.core.scoring import check_accumulator_memory
 from smt.core.selection import Selection
 from smt.core.summary import trainable_summary
+from smt.lightning.callback_config import CallbackConfig
 from smt.lightning.distributed import (
     builds_layers_in_configure_model,
     check_same_selection,
@@ -79,95 +75,25 @@ from smt.lightning.distributed import (
 from smt.lightning.guards import drop_gradients, loss_scale
 from smt.lightning.step_flags import step_flags
 
-GRADIENT_FREE = tuple(name for name, c in CRITERIA.items() if not c.needs_gradients)
-
 
 class SparseMatrixTuning(Callback):
     """Train only the most important weight blocks of a LightningModule.
 
+    Takes the fields of :class:`~smt.lightning.callback_config.CallbackConfig` (every ``SMTConfig`` field, plus
+    ``selection_path``, ``save_selection``, ``trainable_modules``, ``submodule``, ``regrowth``, …) as its arguments;
+    their docstrings there are what ``smt fit --help`` shows. Every check that needs no model runs here.
+
     Example:
         >>> trainer = Trainer(callbacks=[SparseMatrixTuning(target_modules=["v_proj"], density=0.01, warmup_steps=50)])
-
-    Args:
-        target_modules: modules whose weights get blocks: name suffixes (``["q_proj", "v_proj"]``) or one regex
-            matched against the **whole** module name (``.*self_attn\\.(q|v)_proj``, PEFT's convention). Every
-            pattern below follows the same rule; one that matches nothing is refused with a real name as example.
-        block_size: block shape ``(rows, cols)`` or one int; ``-1`` = full dimension (strips). Larger = faster, coarser.
-        num_blocks: total blocks to tune (set this or ``density``).
-        density: fraction of targeted weights to tune (default 0.01 when neither budget is set).
-        pools: separate budgets per named pool of modules, e.g.
-            ``{"attention": {"pattern": ".*attn.*", "density": 0.01}}``.
-        max_blocks_per_module: upper limit of blocks in one module.
-        min_blocks_per_module: lower limit of blocks in every module.
-        allocation: ``global`` (best blocks anywhere) or ``proportional`` (each module's share by its size first).
-        warmup_steps: optimizer steps of scoring before selection (nothing is updated during them).
-        criterion: block score: ``grad_sq``, ``grad_mean_abs``, ``grad_abs_mean``, ``grad_l1``, ``grad_snr``,
-            ``grad_sq_xnorm``, ``weight_abs_mean``, ``random`` (see ``smt.core.scoring``).
-        accumulator_device: where ``grad_abs_mean`` keeps its weight-sized accumulators (``cpu`` to offload).
-        forward: ``auto``, ``materialize`` (one dense GEMM) or ``additive`` (base(x) + block matmul).
-        kernel: ``auto``, ``torch`` or ``triton``.
-        delta_dtype: dtype of the trainable slots (``float32`` master weights by default).
-        seed: seed of the ``random`` criterion.
-        selection_path: load this saved selection (or delta's selection) and skip the warm-up.
-        save_selection: write the selection here when it is made (plus a heatmap PNG beside it).
-        trainable_modules: further modules (or parameters) trained densely beside the blocks (a new head, norms): name
-            suffixes (``["classifier"]``) or one regex matched against the whole name, names as in the
-            LightningModule's ``named_modules()``/``named_parameters()`` (``model.lm_head``, ``head.bias``).
-        submodule: attribute path of the network that gets the bank inside the LightningModule. Default: the module's
-            ``smt_target()`` if it defines one, else the attribute that holds every target (``self.model`` →
-            ``"model"``, so ``merge_delta(module.model)`` and delta files use the network's own names), else the
-            LightningModule itself (see ``smt.core.placement``).
-        stop_after_selection: end ``fit`` as soon as the selection is made (what ``smt select`` does).
-        regrowth: SpIEL-style prune-and-regrow of blocks during tuning (off when unset).
-        regrowth_heatmaps: folder for a selection heatmap after every regrowth event (off when unset).
-        check_progress_after: stop with an error when Δ is still exactly 0 in every slot after this many tuning
-            optimizer steps with lr > 0 (a run that trains nothing); a shorter run is checked at its end. 0 = off.
     """
 
-    def __init__(
-        self,
-        target_modules: str | list[str] = ("q_proj", "k_proj", "v_proj"),
-        block_size: int | tuple[int, int] = 256,
-        num_blocks: int | None = None,
-        density: float | None = None,
-        pools: dict[str, PoolConfig] | None = None,
-        max_blocks_per_module: int | None = None,
-        min_blocks_per_module: int = 0,
-        allocation: str = "global",
-        warmup_steps: int = 100,
-        criterion: str = "grad_sq",
-        accumulator_device: str | None = None,
-        forward: str = "auto",
-        kernel: str = "auto",
-        delta_dtype: str = "float32",
-        seed: int = 0,
-        selection_path: str | None = None,
-        save_selection: str | None = None,
-        trainable_modules: str | list[str] | None = None,
-        submodule: str | None = None,
-        stop_after_selection: bool = False,
-        regrowth: RegrowthConfig | None = None,
-        regrowth_heatmaps: str | None = None,
-        check_progress_after: int = 10,
-    ) -> None:
-        self.config = SMTConfig(
-            list(target_modules) if isinstance(target_modules, tuple) else target_modules,
-            block_size, num_blocks, density, pools, max_blocks_per_module, min_blocks_per_module,
-            allocation, warmup_steps, criterion, accumulator_device, forward, kernel, delta_dtype, seed,
-        )  # fmt: skip
-        if self.config.warmup_steps == 0 and selection_path is None and criterion not in GRADIENT_FREE:
-            raise ValueError(
-                f"smt.warmup_steps=0 needs a selection_path or a gradient-free criterion {GRADIENT_FREE}; "
-                f"criterion {criterion!r} scores gradients"
-            )
-        self.selection_path, self.save_selection = selection_path, save_selection
-        self.trainable_modules, self.submodule = trainable_modules, submodule
-        self.stop_after_selection = stop_after_selection
-        self.regrowth_config, self.regrowth_heatmaps = regrowth, regrowth_heatmaps
+    def __init__(self, *args, **settings) -> None:
+        self.config = CallbackConfig(*args, **settings)
+        self.progress = ProgressCheck(self.config.check_progress_after)
         self.regrower: Regrower | None = None
         self._network_path: str | None = None  # the default holder's attribute, once found ("" = the module itself)
-        self._network_config = self.config  # patterns as names relative to the network that gets the bank
-        self.progress = ProgressCheck(check_progress_after)
+        self._network_config: SMTConfig = self.config  # patterns as names relative to the network that gets the bank
+        self._targets: dict[str, torch.nn.Module] | None = None  # found once in the LightningModule, by holder name
         self.tuning_start = 0
         self._pending_regrowth: dict | None = None
         self._batch_key: tuple[int, int] | None = None
@@ -183,8 +109,8 @@ class SparseMatrixTuning(Callback):
 
     def target(self, pl_module: LightningModule) -> torch.nn.Module:
         """The network that gets the bank: ``submodule``, ``smt_target()``, or the attribute holding every target."""
-        if self.submodule:
-            return pl_module.get_submodule(self.submodule)
+        if self.config.submodule:
+            return pl_module.get_submodule(self.config.submodule)
         finder = getattr(pl_module, "smt_target", None)
         if callable(finder):
             return finder()
@@ -194,16 +120,16 @@ class SparseMatrixTuning(Callback):
 
     def _holding_attribute(self, pl_module: LightningModule) -> str:
         """Where the bank goes by default: the attribute holding the targets (or a saved selection's modules)."""
-        if self.selection_path:  # the selection names the modules; target_modules are not used then
+        if self.config.selection_path:  # the selection names the modules; target_modules are not used then
             return holding_attribute_of(pl_module, list(self._saved_selection.grids))
-        path = holding_attribute(pl_module, self.config.target_modules)
-        self._network_config = config_for_holder(self.config, pl_module, path)
-        return path
+        placement = place(pl_module, self.config)
+        self._network_config, self._targets = placement.config, placement.targets
+        return placement.attribute
 
     @cached_property
     def _saved_selection(self):
         """The selection at ``selection_path``, read once (placement and injection both need it)."""
-        return read_selection(self.selection_path)
+        return read_selection(self.config.selection_path)
 
     @property
     def network_config(self) -> SMTConfig:
@@ -211,14 +137,9 @@ class SparseMatrixTuning(Callback):
         return self._network_config
 
     @property
-    def _moved_from_root(self) -> str:
-        """The default holder's attribute, where runs before it existed kept the bank on the root ("" = none)."""
-        return self._network_path or ""
-
-    @property
     def warmup_offset(self) -> int:
         """Optimizer steps before tuning starts (0 when a selection was loaded): where the LR schedule begins."""
-        return 0 if self.selection_path else self.config.warmup_steps
+        return 0 if self.config.selection_path else self.config.warmup_steps
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -226,7 +147,7 @@ class SparseMatrixTuning(Callback):
         flags = step_flags(trainer)
         flags.add(self._flag("taps"), lambda: self._taps_not_finite(pl_module))
         flags.add(self._flag("moved"), lambda: 0.0 if self.progress.pending is None else self.progress.pending)
-        check_strategy(trainer.strategy, self.selection_path, self.regrowth_config)
+        check_strategy(trainer.strategy, self.config.selection_path, self.config.regrowth)
         # Under FSDP2 the user's configure_model shards the network: the layers and the bank must exist before.
         if builds_layers_in_configure_model(pl_module) and not shards_in_configure_model(trainer.strategy):
             run_after_configure_model(pl_module, lambda: self._inject(trainer, pl_module, stage))
@@ -237,8 +158,8 @@ class SparseMatrixTuning(Callback):
         network = self.target(pl_module)
         if get_bank(network) is None:
             self._add_bank(pl_module, network)
-        if self.trainable_modules:
-            train_densely(pl_module, self.trainable_modules, network)
+        if self.config.trainable_modules:
+            train_densely(pl_module, self.config.trainable_modules, network)
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
             if not (self.steps_scored or self._pending_state is not None):  # resuming: checked when the run began
@@ -255,19 +176,15 @@ class SparseMatrixTuning(Callback):
 
     def _add_bank(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
         """Freeze, wrap the targets and add the bank to ``network`` (from a saved selection when one is given)."""
-        if self.selection_path:
-            names = dict(network.named_modules())
-            self.selection = relative_selection(self._saved_selection, self._moved_from_root, names)
+        if self.config.selection_path:
+            self.selection = self._saved_selection
             apply_selection(network, self.selection, self._network_config)
         else:
-            inject(network, self._network_config)
-        if self._moved_from_root:  # the bank is on an attribute: freeze the rest of the LightningModule too
+            inject(network, self._network_config, targets=self._targets)
+        if self._network_path:  # the bank is on the holding attribute: freeze the rest of the LightningModule too
             slots = {id(slot) for slot in get_bank(network).slots}
             for param in pl_module.parameters():
                 param.requires_grad_(id(param) in slots)
-            # checkpoints of runs that kept the bank on the LightningModule itself load into the new place
-            hook = partial(_relocate_root_bank_hook, prefix=self._moved_from_root)
-            pl_module._register_load_state_dict_pre_hook(hook)
 
     # --- warm-up --------------------------------------------------------------------------------------
 
@@ -281,12 +198,10 @@ class SparseMatrixTuning(Callback):
             self._scorers, self.phase = {}, "tuning"
         if self.phase == "warmup" and self.config.warmup_steps == 0:  # gradient-free criterion: choose now
             self._select(trainer, pl_module, tuning_start=trainer.global_step)
-        if self.regrowth_config is not None and self.regrower is None:
-            self.regrower = Regrower(self.regrowth_config, self._tuning_steps(trainer))
+        if self.config.regrowth is not None and self.regrower is None:
+            self.regrower = Regrower(self.config.regrowth, self._tuning_steps(trainer))
             if self._pending_regrowth is not None:
-                network, pending = self.target(pl_module), self._pending_regrowth
-                state = relative_regrowth_state(pending, self._moved_from_root, get_bank(network).module_names)
-                self.regrower.load_state_dict(state, network)
+                self.regrower.load_state_dict(self._pending_regrowth, self.target(pl_module))
                 self._pending_regrowth = None
 
     def _tuning_steps(self, trainer: Trainer) -> int:
@@ -382,8 +297,8 @@ class SparseMatrixTuning(Callback):
         report = self.regrower.event(network, trainer.optimizers, lambda t: _reduce_sum(trainer, t, pl_module))
         pl_module.log("smt/regrowth_swapped", float(report["swapped"]))
         rank_zero_info(f"smt: regrowth at tuning step {step}: {describe_event(report)}")
-        if self.regrowth_heatmaps and trainer.is_global_zero:
-            current_selection(network).heatmap(Path(self.regrowth_heatmaps) / f"selection_step{step:06d}.png")
+        if self.config.regrowth_heatmaps and trainer.is_global_zero:
+            current_selection(network).heatmap(Path(self.config.regrowth_heatmaps) / f"selection_step{step:06d}.png")
 
     def _select(self, trainer: Trainer, pl_module: LightningModule, tuning_start: int) -> None:
         network = self.target(pl_module)
@@ -403,9 +318,9 @@ class SparseMatrixTuning(Callback):
         self.tuning_start = tuning_start
         rank_zero_info(f"smt: selected {selection.summary()}")
         rank_zero_info(f"smt: {trainable_summary(network)}")
-        trainer.should_stop = trainer.should_stop or self.stop_after_selection
-        if self.save_selection and trainer.is_global_zero:
-            path = selection.save(self.save_selection)
+        trainer.should_stop = trainer.should_stop or self.config.stop_after_selection
+        if self.config.save_selection and trainer.is_global_zero:
+            path = selection.save(self.config.save_selection)
             selection.heatmap(Path(path).with_suffix(".png"))
             rank_zero_info(f"smt: selection written to {path} (heatmap {Path(path).with_suffix('.png')})")
 
@@ -445,15 +360,10 @@ class SparseMatrixTuning(Callback):
                 self._pending_state = state_dict
 
     def _load_scorers(self, state: dict) -> None:
-        for name, scorer_state in relative_names(state["scorers"], self._moved_from_root, self._scorers).items():
+        for name, scorer_state in state["scorers"].items():
             if name in self._scorers:
                 self._scorers[name].load_state_dict(scorer_state)
         self._pending_state = None
-
-
-def _relocate_root_bank_hook(state_dict: dict, *_, prefix: str) -> None:
-    """A ``load_state_dict`` pre-hook (a module-level function, so a module holding it still pickles)."""
-    relocate_root_bank(state_dict, prefix)
 
 
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:

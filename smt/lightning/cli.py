@@ -21,6 +21,7 @@ import sys
 import warnings
 from types import MethodType
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,7 +30,7 @@ from smt.core.io import WriteFailedError
 from smt.core.progress import NothingTrainedError
 from smt.lightning.callback import SparseMatrixTuning
 from smt.lightning.checkpoint_io import PreemptedError, PreemptionCheckpoint, with_atomic_checkpoint_io
-from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.distributed import release_process_group
 from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
 from smt.lightning.module import SMTLanguageModel
@@ -52,9 +53,12 @@ RUN_ERRORS = (TrainingDivergedError, WriteFailedError, NothingTrainedError)  # o
 class SMTCLI(LightningCLI):
     """LightningCLI with the SMT callback as a first-class ``smt`` argument group."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """The ``smt`` and ``guard`` groups first: groups are instantiated in this order, so every check of the
+        ``smt`` settings (``CallbackConfig``) runs before ``model`` loads a model."""
         parser.add_lightning_class_args(SparseMatrixTuning, "smt")
         parser.add_lightning_class_args(NonFiniteGuard, "guard")  # --guard.max_consecutive N (0 = only skip)
+        super().add_core_arguments_to_parser(parser)
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with atomic verified checkpoints (``smt.lightning.checkpoint_io``) unless given a CheckpointIO.
@@ -121,6 +125,7 @@ def run_lightning(args: list[str]) -> SMTCLI:
     # Handing LightningCLI the console's own argv (after routing select/export/merge) is this script's job,
     # not a mistake LightningCLI needs to warn about.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # CallbackConfig's field docstrings are --help
     return SMTCLI(
         SMTLanguageModel,
         InstructionDataModule,

@@ -25,7 +25,7 @@ def load_checkpoint(path: str | Path) -> dict:
     Raises:
         ValueError: missing or unreadable file, or not a Lightning checkpoint of a model.
     """
-    from smt.lightning.checkpoint_io import read_checkpoint  # zip CRCs and record sizes verified first (issue 10)
+    from smt.lightning.checkpoint_io import read_checkpoint  # zip CRCs and record sizes verified first
 
     return read_checkpoint(path)
 

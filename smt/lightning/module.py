@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
 from smt.adapters.merge import save_merged
-from smt.core.model import DTYPES, get_bank, merged
+from smt.core.merge import merged
+from smt.core.model import DTYPES, get_bank
 from smt.core.progress import local_slots_moved, refuse_all_zero_delta
 from smt.core.quant import (
     OPTIMIZERS,
@@ -31,8 +32,8 @@ from smt.core.quant import (
     quantize_linear_layers,
     require_bitsandbytes,
 )
-from smt.lightning.hub import from_pretrained
-from smt.lightning.loss import IGNORE_INDEX, labelled_positions_loss
+from smt.data.hub import from_pretrained
+from smt.data.loss import IGNORE_INDEX, labelled_positions_loss
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
 BUILTIN_TOKENIZERS = ("bytes",)
@@ -48,7 +49,7 @@ def load_causal_lm(
     double_quant: bool = True,
     local_files_only: bool = False,
 ):
-    """A transformers causal LM from a folder or hub id (see ``smt.lightning.hub``), or a random one from a config.
+    """A transformers causal LM from a folder or hub id (see ``smt.data.hub``), or a random one from a config.
 
     A quantized base (``nf4``/``fp4``/``int8``) loads through ``BitsAndBytesConfig``; a config-dict model has its
     Linear layers (all but ``lm_head``) quantized after construction, as transformers would.
@@ -267,8 +268,8 @@ class SMTLanguageModel(LightningModule):
         return [judge(s, o, r).correct for s, o, r in zip(specs, outputs, batch["reference"])]
 
     def _likelihood_correct(self, batch: dict, specs: list) -> list[bool]:
+        from smt.data.prompts import adds_special_tokens
         from smt.eval import score_candidates_batch
-        from smt.lightning.data.prompts import adds_special_tokens
 
         prompts = [p + s.likelihood_prefix for p, s in zip(batch["prompt"], specs)]
         template = getattr(self.trainer.datamodule, "template", "alpaca")  # chat prompts already hold their BOS

@@ -2,8 +2,8 @@
 
 Several callbacks need, at each optimizer step, a decision that is the same on every rank: ``NonFiniteGuard`` (was
 the step finite?), ``SparseMatrixTuning`` (were the warm-up or regrowth taps finite? did any slot move, when the
-progress check is due?) and ``PreemptionCheckpoint`` (did any rank get SIGTERM?). Each used to reduce its own flag
-and read it on the host: on a GPU every read is a pipeline stall, and every reduction a collective. Here each
+progress check is due?) and ``PreemptionCheckpoint`` (did any rank get SIGTERM?). Reducing each flag on its own
+and reading it on the host would cost a pipeline stall per read on a GPU, and a collective per reduction. Here each
 callback registers a *source* in ``setup``: a function that returns its flag when asked (a 0-dim tensor, or a plain
 number when it is known on the host). The first callback that needs a decision in a step asks every source, stacks
 the flags into one vector, sums it over ranks (one ``strategy.reduce``) and reads it on the host once

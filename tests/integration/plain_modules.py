@@ -14,7 +14,8 @@ from helpers import TwoLayer, tiny_gpt2
 from lightning.pytorch import Callback, LightningModule
 from torch.utils.data import DataLoader
 
-from smt.core.model import bank_holder, get_bank, merged, sparse_layers
+from smt.core.merge import merged
+from smt.core.model import bank_holder, get_bank, sparse_layers
 
 LOADER_LENGTH = 64
 QUIET = {

@@ -1,9 +1,7 @@
-"""The bank sits on the attribute that holds the targets (issue 16, point 2), and runs from before still resume.
+"""The bank sits on the attribute that holds the targets.
 
 ``Regressor`` keeps its network in ``self.net``: the bank goes on ``module.net`` with the network's own names, so
-``merge_delta(module.net)`` and ``save_delta(module.net, …)`` work. Checkpoints of the old placement (bank on the
-LightningModule: ``smt_bank.*`` keys, names ``net.up``) are made here by pinning the callback to the module itself,
-exactly what every run did before; resuming them with today's callback must give the uninterrupted run's weights.
+``merge_delta(module.net)`` and ``save_delta(module.net, …)`` work.
 """
 
 import pytest
@@ -21,23 +19,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:You're resuming from a checkpoin
 WARMUP, MAX_STEPS = 3, 6
 
 
-def run(root, ckpt_path=None, on_the_module_itself: bool = False):
+def run(root, ckpt_path=None):
     seed_everything(0)
     module = Regressor("trainable")
     smt = SparseMatrixTuning(target_modules=["net.up", "down"], block_size=4, num_blocks=3, warmup_steps=WARMUP)
-    if on_the_module_itself:
-        smt._network_path = ""  # where the bank went before the holder was chosen: the LightningModule
     checkpoints = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=2, save_top_k=-1)
     trainer = Trainer(max_steps=MAX_STEPS, callbacks=[smt, checkpoints], **(QUIET | {"enable_checkpointing": True}))
     trainer.fit(module, ckpt_path=ckpt_path)
     return module, smt
-
-
-@pytest.fixture(scope="module")
-def old_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("old")
-    module, smt = run(root, on_the_module_itself=True)
-    return root, module, smt
 
 
 def test_the_bank_goes_on_the_network_and_the_api_works_from_either_side(tmp_path):
@@ -55,29 +44,8 @@ def test_the_bank_goes_on_the_network_and_the_api_works_from_either_side(tmp_pat
     assert get_bank(module) is None and torch.allclose(merged(x), tuned, atol=1e-6)
 
 
-@pytest.mark.parametrize("step", [2, 4], ids=["inside the warm-up", "after the selection"])
-def test_checkpoints_with_the_bank_on_the_module_resume_into_the_new_place(old_run, step, tmp_path):
-    root, reference, reference_smt = old_run
-    old = torch.load(root / f"step={step}.ckpt", weights_only=False)
-    assert "smt_bank.map" in old["state_dict"] and "net.smt_bank.map" not in old["state_dict"]
-    assert get_bank(reference).module_names == ["net.up", "net.down"]
-
-    module, smt = run(tmp_path, ckpt_path=root / f"step={step}.ckpt")
-
-    assert bank_holder(module) is module.net and get_bank(module.net).module_names == ["up", "down"]
-    assert {n: b.tolist() for n, b in get_bank(module).blocks().items()} == {
-        n.removeprefix("net."): b.tolist() for n, b in get_bank(reference).blocks().items()
-    }
-    if step < WARMUP:  # the warm-up's partial scores were restored under the new names, not recomputed
-        for name, scores in reference_smt.selection.scores.items():
-            assert torch.equal(smt.selection.scores[name.removeprefix("net.")], scores)
-    for resumed, expected in zip(get_bank(module).slots, get_bank(reference).slots, strict=True):
-        assert torch.equal(resumed, expected)
-
-
-@pytest.mark.parametrize("saved_on_the_module_itself", [False, True], ids=["names of the network", "old names"])
-def test_a_saved_selection_goes_on_the_network_whichever_placement_saved_it(saved_on_the_module_itself, tmp_path):
-    _, smt = run(tmp_path, on_the_module_itself=saved_on_the_module_itself)
+def test_a_saved_selection_goes_on_the_network(tmp_path):
+    _, smt = run(tmp_path)
     path = smt.selection.save(tmp_path / "selection.safetensors")
     module = Regressor("trainable")  # target_modules left at the default (q, k, v): the selection names the modules
     reuse = SparseMatrixTuning(block_size=4, num_blocks=3, warmup_steps=0, selection_path=str(path))
@@ -128,7 +96,7 @@ def run_wrapped(root, ckpt_path=None, selection_path=None):
 
 def test_network_names_that_start_with_the_attribute_are_not_renamed(tmp_path):
     """``net.up`` inside ``module.net`` is already the network's name: a saved selection and a resume inside the
-    warm-up keep it (taking ``net.`` off as for an old root-relative name lost the warm-up's scores)."""
+    warm-up keep it."""
     module, smt = run_wrapped(tmp_path / "reference")
     assert bank_holder(module) is module.net and set(smt.selection.grids) == {"net.up", "net.down"}
     path = smt.selection.save(tmp_path / "selection.safetensors")

@@ -113,3 +113,18 @@ def test_console_script_exits_2_with_one_error_line(console_run):
 
 def test_console_script_prints_no_lightning_args_warning(console_run):
     assert "args parameter is intended" not in console_run.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--smt.block_size=0", "smt.block_size=0 has rows=0"),
+        ("--smt.criterion=nope", "smt.criterion='nope' is not one of"),
+        ("--smt.warmup_steps=0", "smt.warmup_steps=0 needs a selection_path"),
+    ],
+)
+def test_settings_are_checked_before_any_model_loads(override, expected, tmp_path, train_file, capsys):
+    """The model named here does not exist: the error must be the setting's, found before loading it."""
+    missing = ["--model.model_config=null", f"--model.model={tmp_path / 'no-such-model'}", "--model.tokenizer=null"]
+    code = main(fit_args(train_file, *missing, override))
+    assert_refused(code, capsys.readouterr().err, expected)

@@ -1,4 +1,4 @@
-"""``smt --help`` lists every subcommand, and ``smt <command> --help`` documents each one (issue 16, point 4)."""
+"""``smt --help`` lists every subcommand, and ``smt <command> --help`` documents each one."""
 
 import pytest
 
@@ -38,3 +38,26 @@ def test_fit_help_names_every_registered_criterion(capsys):
     out = " ".join(capsys.readouterr().out.split())
     criterion_help = out[out.index("--smt.criterion CRITERION block score:") :].split("(type:")[0]
     assert [name for name in CRITERIA if f"``{name}``" not in criterion_help] == []
+
+
+def test_fit_help_shows_every_config_field_with_its_docstring(capsys):
+    """``--smt.<field>`` for every ``CallbackConfig`` field, its help text the field's own docstring."""
+    import ast
+    import inspect
+    from dataclasses import fields
+
+    from smt.core.config import SMTConfig
+    from smt.lightning.callback_config import CallbackConfig
+
+    docs = {}
+    for cls in (SMTConfig, CallbackConfig):
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for field_node, doc in zip(body, body[1:]):
+            if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                docs[field_node.target.id] = " ".join(doc.value.value.split())
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for field in fields(CallbackConfig):
+        assert f"--smt.{field.name} " in out
+        assert docs[field.name][:40] in out, field.name

@@ -1,4 +1,4 @@
-"""The rank-agreement pieces of ``smt.distributed`` with a simulated second rank (no processes)."""
+"""The rank-agreement pieces of ``smt.lightning.distributed`` with a simulated second rank (no processes)."""
 
 from pathlib import Path
 

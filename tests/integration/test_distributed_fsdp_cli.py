@@ -21,7 +21,7 @@ def test_smt_fit_under_fsdp2_writes_a_whole_delta(tmp_path):
              "output": f"the correct answer is {label}"} for (a, b), label in labels.items()]  # fmt: skip
     (tmp_path / "train.json").write_text(json.dumps(rows))
     command = [
-        sys.executable, "-m", "smt.cli", "fit", "--config", str(REPO / "configs/debug.yaml"),
+        sys.executable, "-m", "smt", "fit", "--config", str(REPO / "configs/debug.yaml"),
         "--config", str(REPO / "configs/distributed/fsdp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.strategy.init_args.data_parallel_size=2", "--data.train_path=train.json",
         f"--trainer.default_root_dir={tmp_path / 'run'}", f"--model.delta_path={tmp_path / 'delta.safetensors'}",

@@ -55,7 +55,7 @@ def fit_args(train_file: Path, *extra: str) -> list[str]:
 def smt_fit_process(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "integration"), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "smt.cli", *args]
+    command = [sys.executable, "-m", "smt", *args]
     return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -1,4 +1,4 @@
-"""A run that trains nothing never ends green (issue 14): each guard of ``smt.core.progress``, forced.
+"""A run that trains nothing never ends green: each guard of ``smt.core.progress``, forced.
 
 - no gradient reaches the targets in the warm-up → stop at selection;
 - Δ still 0 in every slot after ``check_progress_after`` tuning steps with lr > 0 → stop before that step's
@@ -118,8 +118,9 @@ def test_smt_fit_at_lr_0_refuses_its_delta_and_export_refuses_the_checkpoint(tra
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_the_issue_14_repro_without_the_fix_now_exits_1(train_file, pretrained_folder, capsys, monkeypatch):
-    """Before ``keep_trainable``: nf4 folder base + validation on an AVX512-BF16 CPU trained nothing, exit 0."""
+def test_a_repacked_4bit_base_that_cuts_gradients_exits_1(train_file, pretrained_folder, capsys, monkeypatch):
+    """Without ``keep_trainable``, bitsandbytes' CPU repacking of an nf4 folder base (AVX512-BF16, with validation)
+    cuts every gradient through the base: the warm-up scores are all 0 and the run must stop."""
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn.modules import has_avx512bf16
 

@@ -1,6 +1,6 @@
 """``smt fit`` on a 4-bit base with 8-bit AdamW (``configs/debug-nf4.yaml``), resume, export, bad input.
 
-Everything runs in-process through ``smt.cli`` on CPU with real bitsandbytes layers.
+Everything runs in-process through ``smt.lightning.cli`` on CPU with real bitsandbytes layers.
 """
 
 import sys

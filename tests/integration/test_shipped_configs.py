@@ -13,7 +13,7 @@ from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
 
 from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
 from smt.lightning.cli import main
-from smt.lightning.data.datamodule import InstructionDataModule
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.export import load_checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -113,42 +113,25 @@ def test_real_use_numerics_run_on_the_debug_model(tmp_path):
     assert (tmp_path / "runs" / "debug" / "delta.safetensors").is_file()
 
 
-OLD_CLASS_PATHS = [  # written in YAML files and configs before the modules moved into packages (issue 17)
-    ("smt.SparseMatrixTuning", "smt.lightning.callback.SparseMatrixTuning"),
-    ("smt.callbacks.SparseMatrixTuning", "smt.lightning.callback.SparseMatrixTuning"),
-    ("smt.module.SMTLanguageModel", "smt.lightning.module.SMTLanguageModel"),
-    ("smt.data.InstructionDataModule", "smt.lightning.data.datamodule.InstructionDataModule"),
-    ("smt.guards.NonFiniteGuard", "smt.lightning.guards.NonFiniteGuard"),
-    ("smt.checkpoint_io.AtomicCheckpointIO", "smt.lightning.checkpoint_io.AtomicCheckpointIO"),
-    ("smt.checkpoint_io.PreemptionCheckpoint", "smt.lightning.checkpoint_io.PreemptionCheckpoint"),
-    ("smt.config.RegrowthConfig", "smt.core.config.RegrowthConfig"),
-    ("smt.run_logs.SelectionReport", "smt.lightning.run_logs.SelectionReport"),  # callbacks/smt-report.yaml had it
-    ("smt.heatmap.selection_figure", "smt.core.heatmap.selection_figure"),
-]
+TINY_MODEL = [  # the shape of configs/debug.yaml's model, for configs that name an 8B model or a converted folder
+    "--model.model=null", '--model.model_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, '
+    '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384}',
+    "--model.tokenizer=bytes", "--model.dtype=float32", "--trainer.accelerator=cpu", "--trainer.devices=1",
+    "--trainer.precision=32-true", "--trainer.val_check_interval=1.0", "--smt.block_size=16", "--smt.num_blocks=4",
+    "--data.train_path=configs/data/debug.jsonl", "--data.val_path=null", "--data.val_split=8", "--data.test_paths=[]",
+    "--data.test_tasks=null", "--data.num_workers=0", "--data.batch_size=4",
+]  # fmt: skip
+RUNS_AS_SHIPPED = {"debug.yaml", "debug-nf4.yaml"}
 
 
-@pytest.mark.parametrize(("old", "new"), OLD_CLASS_PATHS, ids=[old for old, _ in OLD_CLASS_PATHS])
-def test_old_class_paths_name_the_same_classes(old, new):
-    import importlib
-
-    def resolve(path: str):
-        module, _, name = path.rpartition(".")
-        return getattr(importlib.import_module(module), name)
-
-    assert resolve(old) is resolve(new)
-
-
-def test_a_yaml_with_old_class_paths_still_parses(tmp_path, capsys):
-    """The CLI's own parser resolves (and type-checks the init args of) ``class_path: smt.guards.NonFiniteGuard``."""
-    extra = tmp_path / "old.yaml"
-    extra.write_text(
-        "trainer:\n  callbacks:\n    - class_path: smt.guards.NonFiniteGuard\n      init_args: {max_consecutive: 3}\n"
-        "    - class_path: smt.checkpoint_io.PreemptionCheckpoint\n"
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(DEBUG_CONFIG), "--config", str(extra), "--print_config"])
-    assert exit_info.value.code in (0, None), capsys.readouterr().err
-    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
-    old = ["smt.guards.NonFiniteGuard", "smt.checkpoint_io.PreemptionCheckpoint"]  # printed as written
-    assert [c["class_path"] for c in callbacks][-2:] == old
-    assert callbacks[-2]["init_args"]["max_consecutive"] == 3
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_runs_two_steps(path, tmp_path):
+    """``smt fit --config F`` from the repository root, cut to 2 steps (1 of warm-up); configs that name a big model
+    (or one a script converts) get the debug model and data instead."""
+    if path.name == "debug-nf4.yaml":
+        pytest.importorskip("bitsandbytes")
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the configs' relative paths, outputs under tmp_path
+    overrides = [] if path.name in RUNS_AS_SHIPPED else TINY_MODEL
+    args = ["fit", "--config", f"configs/{path.name}", *overrides, "--trainer.max_steps=2", "--smt.warmup_steps=1"]
+    assert main(args) == 0
+    assert any((tmp_path / "runs").rglob("delta.safetensors"))

@@ -1,4 +1,4 @@
-"""Validation and step checkpoints must not change what ``smt fit`` trains, on every kind of base (issue 14).
+"""Validation and step checkpoints must not change what ``smt fit`` trains, on every kind of base.
 
 The matrix: base {random ``model_config``, ``save_pretrained`` folder} × quantization {none, nf4, int8} ×
 validation {on, off} × step checkpoint {on, off}, through the real CLI (``configs/debug-nf4.yaml``, 8 steps,

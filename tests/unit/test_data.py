@@ -14,11 +14,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from smt.lightning.data.datamodule import InstructionDataModule
-from smt.lightning.data.prompts import render_prompt
-from smt.lightning.data.records import split_indices, take_limit
-from smt.lightning.data.tokens import InstructionCollator, fit_to_length, pack_examples
-from smt.lightning.loss import IGNORE_INDEX
+from smt.data.loss import IGNORE_INDEX
+from smt.data.prompts import render_prompt
+from smt.data.records import split_indices, take_limit
+from smt.data.tokens import InstructionCollator, fit_to_length, pack_examples
+from smt.lightning.datamodule import InstructionDataModule
 
 BOOLQ_ROWS = [
     {

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from smt.data.records import gsm8k_reference
 from smt.eval import (
     AccuracyTracker,
     TaskResult,
@@ -23,7 +24,6 @@ from smt.eval import (
     extract_letter,
     format_markdown_table,
     get_task,
-    gsm8k_reference,
     judge,
     predict_labels,
     score_candidates,

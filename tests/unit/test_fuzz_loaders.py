@@ -289,7 +289,7 @@ def test_yaml_tags_that_would_run_code_are_not_executed(tmp_path):
 @FUZZ
 @given(text=st.text(max_size=300))
 def test_damaged_data_files_are_refused_with_one_line(tmp_path_factory, text):
-    from smt.lightning.data.records import load_records
+    from smt.data.records import load_records
 
     folder = tmp_path_factory.mktemp("data")
     path = folder / "train.json"

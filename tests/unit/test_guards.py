@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from smt import SparseMatrixTuning
 from smt.core.io import WriteFailedError, atomic_save_safetensors
 from smt.core.scoring import BlockScorer, check_accumulator_memory
+from smt.data.resume_loader import ResumableLoader
 from smt.kernels.blocks import BlockGrid
 from smt.lightning.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from smt.lightning.data.resume_loader import ResumableLoader
 from smt.lightning.guards import NonFiniteGuard, TrainingDivergedError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -1,4 +1,4 @@
-"""Models, tokenizers and data sets by hub id, offline (issue 16, point 1).
+"""Models, tokenizers and data sets by hub id, offline.
 
 The tests write a tiny model, a tokenizer and a data set into temporary caches laid out as huggingface_hub and
 datasets lay out real downloads, point the libraries at them and load everything by id with HF_HUB_OFFLINE=1
@@ -12,9 +12,9 @@ import torch
 from helpers import tiny_llama, write_hub_dataset, write_hub_snapshot
 from transformers import ByT5Tokenizer
 
-from smt.lightning.data.datamodule import InstructionDataModule
-from smt.lightning.data.records import load_records
-from smt.lightning.hub import HubDataset, parse_hub_dataset
+from smt.data.hub import HubDataset, parse_hub_dataset
+from smt.data.records import load_records
+from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.module import SMTLanguageModel, load_causal_lm
 
 MODEL_ID = "smt-test/tiny-llama"
@@ -100,7 +100,7 @@ def test_hub_data_that_does_not_load_is_one_line(hub_cache):
 
 
 def test_an_unreachable_hub_is_one_line_that_names_the_offline_switch(monkeypatch):
-    from smt.lightning.hub import from_pretrained
+    from smt.data.hub import from_pretrained
 
     def unreachable(name, **kwargs):  # what transformers raises online without a network, after its retries
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_gpt2, tiny_llama
 
-from smt.lightning.loss import labelled_positions_loss
+from smt.data.loss import labelled_positions_loss
 
 
 def batch(vocab: int, prompt: list[int], length: int = 12) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""One pattern convention (issue 16, point 3): a regex matches the whole name, a list names suffixes; a pattern
+"""One pattern convention: a regex matches the whole name, a list names suffixes; a pattern
 that matches nothing is refused in one line that shows a real name and a pattern that would match it."""
 
 import pytest
@@ -70,4 +70,4 @@ def test_trainable_modules_written_for_search_are_refused_with_an_example():
     callback = SparseMatrixTuning(["net.up"], block_size=4, num_blocks=1, trainable_modules="head")
     callback._add_bank(module, callback.target(module))
     with pytest.raises(ValueError, match=r"^smt\.trainable_modules='head'.*inside 'head\.up'; write 'head\.\*'$"):
-        train_densely(module, callback.trainable_modules, callback.target(module))
+        train_densely(module, callback.config.trainable_modules, callback.target(module))

@@ -14,7 +14,8 @@ from torch import nn
 
 from smt import BlockGrid, Selection, SMTConfig, apply_selection
 from smt.adapters.merge import dequantized_state_dict
-from smt.core.model import get_bank, inject, merge_delta, merged, select_blocks, sparse_layers, start_scoring
+from smt.core.merge import merge_delta, merged
+from smt.core.model import get_bank, inject, select_blocks, sparse_layers, start_scoring
 from smt.core.quant import (
     build_optimizer,
     dequantized_weight,

@@ -4,13 +4,12 @@ Lightning.
 Layers, lowest first; a module imports from its own layer and the ones below, never above:
 
     0  smt.kernels              block geometry (``BlockGrid``, ``BlockPlan``) and the kernels over it
-    1  smt.core                 the method in pure torch
+    1  smt.core  smt.data       the method in pure torch · records, prompts, tokens, loss masks, loaders (side by side)
     2  smt.adapters  smt.eval   taking Δ out of a model · evaluation protocols (side by side, not importing each other)
     3  smt.lightning            the callback, the LightningModule, its data, checkpoints, the ``smt`` command
-    4  smt                      the public names (``smt/__init__.py``) and the alias modules at old import paths
+    4  smt                      the public names (``smt/__init__.py``) and ``python -m smt`` (``smt/__main__.py``)
 
-Every import counts, also one inside a function. A new module must sit in one of these packages (a flat
-``smt/<name>.py`` may only be an alias: imports, ``__all__``, nothing else).
+Every import counts, also one inside a function. A new module must sit in one of these packages.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "smt"
-LAYERS = {"smt.kernels": 0, "smt.core": 1, "smt.adapters": 2, "smt.eval": 2, "smt.lightning": 3}
+LAYERS = {"smt.kernels": 0, "smt.core": 1, "smt.data": 1, "smt.adapters": 2, "smt.eval": 2, "smt.lightning": 3}
 TOP = 4
+TOP_MODULES = ("smt", "smt.__main__")
 LIGHTNING = ("lightning", "pytorch_lightning")
 LIGHTNING_FREE = [name for name, layer in LAYERS.items() if layer < LAYERS["smt.lightning"]]
 
@@ -38,13 +38,8 @@ def sources() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def is_alias(name: str) -> bool:
-    """A flat ``smt/<name>.py``: the old import path of a moved module."""
-    return name.count(".") == 1 and name.split(".")[1] not in {package.split(".")[1] for package in LAYERS}
-
-
 def layer_of(name: str) -> int | None:
-    if name == "smt" or is_alias(name):
+    if name in TOP_MODULES:
         return TOP
     return next((layer for package, layer in LAYERS.items() if name == package or name.startswith(package + ".")), None)
 
@@ -82,9 +77,7 @@ def offending_imports() -> list[str]:
             if target.split(".")[0] != "smt":
                 continue
             there = layer_of(target)
-            if here < TOP and is_alias(target):
-                problems.append(f"{where}:{line} imports {target}, an old path kept for users: import the new module")
-            elif there is not None and there > here:
+            if there is not None and there > here:
                 problems.append(f"{where}:{line} imports {target}: layer {there} is above {name}'s layer {here}")
             elif there == here < TOP and package_of(target) != package_of(name):
                 problems.append(f"{where}:{line} imports {target}: {package_of(name)} and {package_of(target)} are "
@@ -103,33 +96,16 @@ def test_the_check_names_an_upward_import(tmp_path, monkeypatch):
     (fake / "lightning").mkdir()
     (fake / "core" / "model.py").write_text("import torch\n\ndef f():\n    from smt.lightning import callback\n")
     (fake / "core" / "layer.py").write_text("from lightning.pytorch import Callback\n")
-    (fake / "lightning" / "callback.py").write_text("from smt.model import inject\n")
-    (fake / "model.py").write_text('"""alias"""\n\nfrom smt.core.model import f\n')
+    (fake / "lightning" / "callback.py").write_text("from lightning.pytorch import Callback\n")
+    (fake / "flat.py").write_text("import torch\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert offending_imports() == [
         "smt/core/layer.py:1 imports lightning.pytorch: only smt.lightning may import Lightning",
         "smt/core/model.py:4 imports smt.lightning.callback: layer 3 is above smt.core.model's layer 1",
-        "smt/lightning/callback.py:1 imports smt.model, an old path kept for users: import the new module",
+        "smt/flat.py is in no layer: move it into one of smt.kernels, smt.core, smt.data, smt.adapters, smt.eval, "
+        "smt.lightning "
+        "(or add its package)",
     ]
-
-
-def test_alias_modules_only_re_export():
-    """``smt/<old>.py`` holds a docstring, imports from smt, ``__all__`` (and ``smt.cli`` its ``python -m`` guard)."""
-    for name, path in sources().items():
-        if not is_alias(name):
-            continue
-        tree = ast.parse(path.read_text())
-        body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body  # the docstring
-        for node in body:
-            allowed = (
-                isinstance(node, ast.ImportFrom) and node.module.startswith("smt.")
-                or isinstance(node, ast.Import) and [a.name for a in node.names] == ["sys"]
-                or isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
-                or isinstance(node, ast.If) and name == "smt.cli" and ast.unparse(node.test) == "__name__ == '__main__'"
-            )  # fmt: skip
-            assert allowed, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} is more than a re-export"
-        module = __import__(name, fromlist=["__all__"])
-        assert module.__all__ and all(hasattr(module, attribute) for attribute in module.__all__), name
 
 
 @pytest.mark.parametrize("package", ["smt", *LIGHTNING_FREE])

@@ -1,6 +1,6 @@
 """Named prompt templates: how an instruction record becomes the text a causal LM reads and writes.
 
-Pure functions over strings (no Lightning, no torch), shared by training (``smt.lightning.data``) and evaluation
+Pure functions over strings (no Lightning, no torch), shared by training (``smt.data.tokens``) and evaluation
 (``smt.eval``), so a model is tested with exactly the prompt it was trained on.
 
 A template splits one example into a *prompt* (masked from the loss) and a *response* (learned); the

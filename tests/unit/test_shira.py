@@ -1,4 +1,4 @@
-"""SHiRA export (issue 16, point 7): a block delta as a PEFT SHiRA adapter, entry for entry.
+"""SHiRA export: a block delta as a PEFT SHiRA adapter, entry for entry.
 
 ``PeftModel.from_pretrained`` must load what smt writes and reproduce the tuned model's logits within 1e-5, with
 ragged blocks, modules tuned unevenly (padding to one r), and from a delta file as from a model.

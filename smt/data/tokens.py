@@ -5,7 +5,7 @@ so training sees exactly the prompt tokens that evaluation feeds to ``generate``
 ``mask_prompt`` the labels are ``-100`` over the prompt, so the loss is on the response and its EOS
 only. An example longer than ``max_length`` loses prompt tokens from the left (BOS kept); only a
 response longer than ``max_length - 1`` is itself cut (from the right, losing its EOS). The prompt text
-comes from a named template (``smt.lightning.data.prompts``).
+comes from a named template (``smt.data.prompts``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from smt.lightning.data.prompts import adds_special_tokens, render_prompt, render_response
-from smt.lightning.hub import from_pretrained
-from smt.lightning.loss import IGNORE_INDEX
+from smt.data.hub import from_pretrained
+from smt.data.loss import IGNORE_INDEX
+from smt.data.prompts import adds_special_tokens, render_prompt, render_response
 
 
 # ------------------------------------------------------------------------------------------ tokenization
@@ -51,7 +51,7 @@ def encode_examples(
 
     Args:
         tokenizer: a transformers tokenizer with ``eos_token_id``.
-        template: prompt template name (see :mod:`smt.lightning.data.prompts`).
+        template: prompt template name (see :mod:`smt.data.prompts`).
         records: columns ``instruction``, ``input``, ``response``.
         max_length: longest sequence; see :func:`fit_to_length`.
         mask_prompt: labels ``-100`` on prompt tokens (loss on the response only).
@@ -190,7 +190,7 @@ def _restarting_positions(positions: Sequence[int], width: int) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(name_or_path: str, local_files_only: bool = False) -> Any:
-    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.lightning.hub`).
+    """Load a tokenizer from a folder or a hub id, as transformers does (see :mod:`smt.data.hub`).
 
     Args:
         name_or_path: a folder or a hub id (downloaded once into the Hugging Face cache).

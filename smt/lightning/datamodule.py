@@ -29,11 +29,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from smt.eval.tasks import detect_task, get_task, task_names
-from smt.lightning.data.prompts import TemplateName, check_template
-from smt.lightning.data.records import load_records, map_records, seeded_permutation, split_indices, take_limit
-from smt.lightning.data.resume_loader import ResumableLoader
-from smt.lightning.data.tokens import (
+from smt.data.hub import HUB_PREFIX, parse_hub_dataset
+from smt.data.prompts import TemplateName, check_template
+from smt.data.records import load_records, map_records, seeded_permutation, split_indices, take_limit
+from smt.data.resume_loader import ResumableLoader
+from smt.data.tokens import (
     InstructionCollator,
     PromptCollator,
     encode_examples,
@@ -42,14 +42,14 @@ from smt.lightning.data.tokens import (
     pack_examples,
     prepare_tokenizer,
 )
-from smt.lightning.hub import HUB_PREFIX, parse_hub_dataset
+from smt.eval.tasks import detect_task, get_task, task_names
 
 
 class InstructionDataModule(LightningDataModule):
     """Instruction-tuning data from LLM-Adapters JSON or GSM8K JSONL files, with prompt templates and masking.
 
     Records are read with ``datasets`` (JSON arrays and JSONL alike), rendered by a named prompt template
-    (:mod:`smt.lightning.data.prompts`), tokenized as ``prompt + response + EOS`` and batched with right padding. A
+    (:mod:`smt.data.prompts`), tokenized as ``prompt + response + EOS`` and batched with right padding. A
     validation set comes from ``val_path`` or is carved from the training file (``val_split``);
     ``test_paths`` feed generation- or likelihood-based evaluation (``smt.eval``) with prompts only.
 

@@ -1,7 +1,7 @@
 """Instruction records: JSON/JSONL files or hub data sets, normalized to ``instruction/input/response/reference``.
 
 Records come from JSON/JSONL files or from hub data sets named ``hub:owner/name[:config][@split]``
-(``smt.lightning.hub``: downloaded once into the datasets cache, cache only under ``HF_HUB_OFFLINE=1``), in two
+(``smt.data.hub``: downloaded once into the datasets cache, cache only under ``HF_HUB_OFFLINE=1``), in two
 schemas, detected from their fields:
 
 * LLM-Adapters (``commonsense_170k``, ``math_10k``, the per-task ``test.json``): ``instruction``,
@@ -23,8 +23,7 @@ from typing import Any
 import datasets
 import torch
 
-from smt.eval.extract import gsm8k_reference
-from smt.lightning.hub import load_hub_dataset, parse_hub_dataset
+from smt.data.hub import load_hub_dataset, parse_hub_dataset
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 _FIELDS = ("instruction", "input", "response", "reference")
@@ -37,7 +36,7 @@ def load_records(
     """Read a JSON array / JSONL file or a hub data set and normalize it to ``instruction/input/response/reference``.
 
     Args:
-        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.lightning.hub`).
+        path: the data file, or a hub data set ``hub:owner/name[:config][@split]`` (see :mod:`smt.data.hub`).
         cache_dir: where ``datasets`` keeps its Arrow files; for a hub data set None = its usual cache.
         role: the argument name shown in error messages (``train_path``, ``val_path``, …).
         default_split: the split of a hub data set named without ``@split``.
@@ -55,6 +54,34 @@ def load_records(
     schema = _detect_schema(raw.column_names, path)
     key = ("normalize", raw._fingerprint, schema)
     return map_records(raw, _normalizer(schema, path), raw.column_names, key, with_indices=True)
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def gsm8k_reference(answer: str) -> str:
+    """The final answer of a GSM8K solution: the number after the last ``####``, commas removed.
+
+    Args:
+        answer: a GSM8K ``answer`` field (worked solution ending in ``#### N``).
+
+    Returns:
+        The final answer as text, e.g. ``"18"`` or ``"-3.5"``.
+
+    Raises:
+        ValueError: there is no ``####`` marker or nothing numeric after it.
+
+    Example:
+        >>> gsm8k_reference("She makes 9 * 2 = $<<9*2=18>>18.\\n#### 1,018")
+        '1018'
+    """
+    _, marker, tail = answer.rpartition("####")
+    if not marker:
+        raise ValueError(f"GSM8K answer has no '####' final-answer marker: {answer[-60:]!r}")
+    value = tail.strip().replace(",", "").rstrip(".")
+    if _NUMBER.fullmatch(value) is None:
+        raise ValueError(f"GSM8K answer has no number after '####': {tail.strip()[:40]!r}")
+    return value
+
 
 
 def _read_json_records(path: Path, cache_dir: str | Path | None, role: str) -> datasets.Dataset:

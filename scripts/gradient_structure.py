@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import quality  # noqa: E402  (the study's model, data splits and training order)
+import quality_tasks  # noqa: E402  (the study's model, data splits and training order)
 from harness import language_model  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def gradients(task: str, targets: list[str], seed: int, warmup: int, later: int,
     from smt.core.model import find_targets
     from smt.data.loss import labelled_positions_loss
     from smt.lightning.datamodule import InstructionDataModule
-    harness = quality.Harness()
+    harness = quality_tasks.Harness()
     module = language_model(harness.model, None, None, seed)
     model = module.model.train()
     weights = {name: m.weight for name, m in find_targets(model, targets).items()}
@@ -58,7 +58,7 @@ def gradients(task: str, targets: list[str], seed: int, warmup: int, later: int,
         w.requires_grad_(True)
     path = harness.work / "splits" / task / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(quality.TASKS[task](harness.data_root, harness)["train"]))
+    path.write_text(json.dumps(quality_tasks.TASKS[task](harness.data_root, harness)["train"]))
     data = InstructionDataModule(
         train_path=str(path), batch_size=batch_size, max_length=harness.max_length,
         limit_train=100 * batch_size, seed=seed, cache_dir=str(harness.work / "cache"),
@@ -125,8 +125,8 @@ def shares(late, late_sq, per_batch, later: int, budget: int, rank: int, sides: 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="alpaca", choices=list(quality.TASKS))
-    parser.add_argument("--targets", default="qkv", choices=list(quality.TARGETS))
+    parser.add_argument("--task", default="alpaca", choices=list(quality_tasks.TASKS))
+    parser.add_argument("--targets", default="qkv", choices=list(quality_tasks.TARGETS))
     parser.add_argument("--budget", default="r8", help="r<rank>: LoRA rank whose weight count every shape gets")
     parser.add_argument("--seed", type=int, default=0, help="data order (the quality study's seed)")
     parser.add_argument("--warmup", type=int, default=5, help="batches the blocks are chosen on (SMT's warm-up)")
@@ -138,7 +138,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank = int(args.budget.removeprefix("r"))
-    late, late_sq, per_batch = gradients(args.task, quality.TARGETS[args.targets], args.seed, args.warmup,
+    late, late_sq, per_batch = gradients(args.task, quality_tasks.TARGETS[args.targets], args.seed, args.warmup,
                                        args.later, args.batch_size)  # fmt: skip
     budget = sum(rank * sum(g.shape) for g in late.values())
     result = shares(late, late_sq, per_batch, args.later, budget, rank, sides=(16, 32, 64))

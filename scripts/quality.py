@@ -30,6 +30,8 @@ inside that budget.
 Results: one JSON per (task, targets, budget, arm, seed, lr) under ``--out`` (default ``docs/quality/raw``), so a
 long study accumulates across runs and sessions; ``report`` picks each arm's LR by validation NLL (seed 0),
 then reports test metrics at that LR as mean ± std over the seeds present.
+
+Beside this file: ``quality_tasks.py`` (cells, harness, task records), ``quality_report.py`` (results, report).
 """
 
 from __future__ import annotations
@@ -38,226 +40,33 @@ import argparse
 import json
 import os
 import platform
-import random
-import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from harness import StepClock, arm_callbacks, cpu_trainer, language_model, tiny_llama
+from harness import StepClock, arm_callbacks, cpu_trainer, language_model
+from quality_report import best_lr, load_results, matches_arm, report
+from quality_tasks import (
+    DEFAULT_OUT,
+    EPOCHS,
+    ROOT,
+    TARGETS,
+    TASKS,
+    Cell,
+    Harness,
+    is_knowledge_task,
+    task_name,
+    task_splits,
+    task_steps,
+    task_template,
+    wikitext_windows,
+    write_tiny_data,
+)
 
 from smt.eval.heldout import choice_accuracy, exact_match, response_nll, text_nll
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
-DEFAULT_OUT = ROOT / "docs" / "quality" / "raw"
-TARGETS = {
-    "qkv": ["q_proj", "k_proj", "v_proj"],
-    "v": ["v_proj"],
-    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-TINY_MODEL = tiny_llama("debug")
-
-
-# --- settings ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cell:
-    """One run: what is trained, on what, how long, and with which learning rate and seed."""
-
-    task: str
-    arm: str
-    lr: float
-    seed: int = 0
-    targets: str = "qkv"
-    budget: str = "r8"
-    steps: int = 100
-    batch_size: int = 8
-    warmup: int = 5
-    block_size: int = 64
-    em: int = 0
-    precision: str = "bf16-mixed"
-
-    def key(self) -> str:
-        budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
-        suffix = "" if self.steps == 100 else f"-steps{self.steps}"
-        suffix += "" if self.precision == "bf16-mixed" else "-fp32"
-        return f"{self.task}/{budget}/{self.arm.replace(':', '-')}/seed{self.seed}-lr{self.lr:g}{suffix}.json"
-
-
-@dataclass
-class Harness:
-    """Where the model and data come from, and how much is evaluated (``tiny()`` is the CI smoke run)."""
-
-    model: str | None = str(SMOLLM2)
-    model_config: dict | None = None
-    tokenizer: str | None = None
-    data_root: Path = SHARED
-    out: Path = DEFAULT_OUT
-    work: Path = ROOT / "runs" / "quality-work"
-    max_length: int = 192
-    n_val: int = 100
-    n_test: int = 200
-    n_arc_test: int = 300
-    wiki_windows: int = 24
-    wiki_tokens: int = 256
-    precision: str = "bf16-mixed"
-    """Training precision: ``bf16-mixed`` (autocast, fp32 weights and optimizer state) where the CPU multiplies
-    bf16 natively (2.65× faster per step than fp32 here), else ``32-true``; evaluation always runs in fp32."""
-
-    @classmethod
-    def tiny(cls, out: Path) -> Harness:
-        return cls(model=None, model_config=TINY_MODEL, tokenizer="bytes", data_root=out / "data", out=out / "raw",
-                   work=out / "work",
-                   max_length=96, n_val=8, n_test=8, n_arc_test=8, wiki_windows=2, wiki_tokens=64)  # fmt: skip
-
-
-# --- data ---------------------------------------------------------------------------------------------
-
-ARC_CHOICE = re.compile(r"Answer(\d):\s*(.*?)(?=\s*Answer\d:|\n\nAnswer format|$)", re.S)
-
-
-def _shuffled(rows: list, seed: int = 1234) -> list:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows
-
-
-def _record(instruction: str, response: str, answer: str = "", input_text: str = "") -> dict:
-    return {"instruction": instruction, "input": input_text, "output": response, "answer": answer}
-
-
-def alpaca_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
-    rows = _shuffled(json.loads((root / "alpaca" / "alpaca_5000.json").read_text()))
-    records = [_record(r["instruction"], r["output"], input_text=r.get("input", "")) for r in rows]
-    n_test, n_val = harness.n_test, harness.n_val
-    return {"test": records[:n_test], "val": records[n_test : n_test + n_val], "train": records[n_test + n_val :]}
-
-
-def _gsm8k_record(row: dict) -> dict:
-    solution, _, number = row["answer"].rpartition("####")
-    response = re.sub(r"<<[^<>]*>>", "", solution).strip() + f"\n#### {number.strip()}"
-    return _record(row["question"], response, number.strip().replace(",", ""))
-
-
-def gsm8k_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
-    def read(name: str) -> list[dict]:
-        lines = (root / "gsm8k" / name).read_text().splitlines()
-        return [_gsm8k_record(json.loads(line)) for line in lines if line.strip()]
-
-    train, test = _shuffled(read("train.jsonl")), _shuffled(read("test.jsonl"))
-    return {"test": test[: harness.n_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
-
-
-def arc_record(row: dict) -> dict | None:
-    """An LLM-Adapters ARC record as question → answer text, with the choices kept for scoring."""
-    question = row["instruction"].split("\n\n")[0].removeprefix("Please choose the correct answer to the question: ")
-    choices = {f"answer{n}": text.strip() for n, text in ARC_CHOICE.findall(row["instruction"])}
-    if row["answer"] not in choices or len(choices) < 2:
-        return None
-    record = _record(question, choices[row["answer"]], row["answer"])
-    record["choices"], record["label"] = list(choices.values()), list(choices).index(row["answer"])
-    return record
-
-
-def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
-    folder = root / "llm_adapters" / "ARC-Easy"
-
-    def read(name: str) -> list[dict]:
-        return [r for r in map(arc_record, json.loads((folder / name).read_text())) if r is not None]
-
-    train, test = _shuffled(read("train.json")), _shuffled(read("test.json"))
-    return {"test": test[: harness.n_arc_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
-
-
-TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits}
-KNOWLEDGE_SIZES = (40, 160, 640)
-"""``facts-N`` tasks the study knows (any multiple of 4 runs with ``run --task facts-N``)."""
-
-
-def is_knowledge_task(task: str) -> bool:
-    return re.fullmatch(r"facts-\d+", task) is not None
-
-
-def task_splits(task: str, harness: Harness) -> dict[str, list[dict]]:
-    """The records of ``task``: a file-backed task from ``harness.data_root``, or a generated ``facts-N`` task."""
-    if is_knowledge_task(task):
-        from smt.eval.knowledge import knowledge_splits
-
-        return knowledge_splits(int(task.removeprefix("facts-")), harness.n_test)
-    return TASKS[task](harness.data_root, harness)
-
-
-def task_template(task: str) -> str:
-    """The prompt template a task trains and is scored with (facts: the short ``Question:/Answer:`` form)."""
-    return "gsm8k" if is_knowledge_task(task) else "alpaca"
-
-
-EPOCHS = 8
-"""Passes over a ``facts-N`` training set (every fact in three wordings)."""
-
-
-def task_steps(task: str, steps: int | None, epochs: float, batch_size: int = 8) -> int:
-    """Optimizer steps of a cell: ``steps`` if given, else 100, or ``epochs`` passes over a facts task's records."""
-    if steps is not None:
-        return steps
-    if not is_knowledge_task(task):
-        return 100
-    from smt.eval.knowledge import TRAIN_WORDINGS
-
-    records = int(task.removeprefix("facts-")) * len(TRAIN_WORDINGS)
-    return max(1, round(epochs * records / batch_size))
-
-
-def task_name(name: str) -> str:
-    """argparse type: a known task name, or ``facts-N``."""
-    if name in TASKS or is_knowledge_task(name):
-        return name
-    raise argparse.ArgumentTypeError(f"unknown task {name!r}; use one of {', '.join(TASKS)} or facts-N (N facts)")
-
-
-def wikitext_windows(root: Path, tokenizer, harness: Harness) -> list[list[int]]:
-    """Fixed, evenly spaced windows of the WikiText-2 test split (the forgetting probe)."""
-    text = (root / "wikitext-2" / "test.txt").read_text()
-    ids = tokenizer(text[: 400 * harness.wiki_windows * harness.wiki_tokens], add_special_tokens=False)["input_ids"]
-    stride = max(harness.wiki_tokens, len(ids) // harness.wiki_windows)
-    return [ids[i : i + harness.wiki_tokens] for i in range(0, stride * harness.wiki_windows, stride)]
-
-
-def write_tiny_data(root: Path) -> None:
-    """A generated stand-in for ``../shared/data`` (the smoke run must not need it)."""
-    rng = random.Random(0)
-    sums = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(80)]
-    alpaca = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}"} for a, b in sums]
-    (root / "alpaca").mkdir(parents=True, exist_ok=True)
-    (root / "alpaca" / "alpaca_5000.json").write_text(json.dumps(alpaca))
-    (root / "gsm8k").mkdir(parents=True, exist_ok=True)
-    rows = [json.dumps({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### "
-                        f"{a + b}"}) for a, b in sums]  # fmt: skip
-    for name in ("train.jsonl", "test.jsonl"):
-        (root / "gsm8k" / name).write_text("\n".join(rows))
-    arc = []
-    for a, b in sums:
-        options = [a + b, a + b + 1, a + b + 2, abs(a - b) + 20]
-        rng.shuffle(options)
-        listing = " ".join(f"Answer{i + 1}: {v}" for i, v in enumerate(options))
-        instruction = (
-            f"Please choose the correct answer to the question: {a} plus {b}?\n\n{listing}\n\nAnswer format: x"
-        )
-        arc.append(
-            {"instruction": instruction, "input": "", "output": "", "answer": f"answer{options.index(a + b) + 1}"}
-        )
-    (root / "llm_adapters" / "ARC-Easy").mkdir(parents=True, exist_ok=True)
-    for name in ("train.json", "test.json"):
-        (root / "llm_adapters" / "ARC-Easy" / name).write_text(json.dumps(arc))
-    (root / "wikitext-2").mkdir(parents=True, exist_ok=True)
-    (root / "wikitext-2" / "test.txt").write_text(" The quick brown fox jumps over the lazy dog . " * 200)
-
 
 # --- evaluation ---------------------------------------------------------------------------------------
 
@@ -286,8 +95,8 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
 
 def fact_recall(model, tokenizer, records: list[dict], template: str) -> float:
     """Share of facts whose true value is the most likely of all the attribute's values (``smt.eval.recall``)."""
-    from smt.eval.recall import recall
     from smt.data.prompts import adds_special_tokens, render_prompt, render_response
+    from smt.eval.recall import recall
 
     prompts = [render_prompt(template, r["instruction"]) for r in records]
     prefixes = [render_response(template, r["context"]) for r in records]
@@ -424,31 +233,13 @@ def result_path(cell: Cell, harness: Harness) -> Path:
     return harness.out / cell.key()
 
 
-def load_results(out: Path, precision: str | None = None) -> list[dict]:
-    """Every cached result trained at ``precision`` (None: all; records from before the field existed are fp32)."""
-    records = [json.loads(p.read_text()) for p in sorted(out.rglob("*.json")) if p.name != "base.json"]
-    return [r for r in records if precision is None or r["cell"].get("precision", "32-true") == precision]
-
-
-def best_lr(results: list[dict], task: str, arm: str, targets: str, budget: str) -> float | None:
-    """The LR with the lowest validation NLL among seed-0 runs of this arm (None if none ran)."""
-    runs = [r for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0]
-    return min(runs, key=lambda r: r["metrics"]["val_nll"])["cell"]["lr"] if runs else None
-
-
-def _matches(r: dict, task: str, arm: str, targets: str, budget: str) -> bool:
-    c = r["cell"]
-    same_budget = arm == "full" or (c["targets"] == targets and c["budget"] == budget)
-    return c["task"] == task and c["arm"] == arm and same_budget
-
-
 def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: str, steps: int,
                 precision: str = "bf16-mixed") -> list[Cell]:  # fmt: skip
     """The next seed-0 LRs to try: the grid, then one step (×3) beyond an edge that is still the best."""
     grid = LR_GRID.get(arm, LR_GRID["default"])
     if is_knowledge_task(task) and arm != "full":
         grid = LR_GRID["facts"]  # storing facts wants larger steps than format learning: start one ×3 higher
-    done = {r["cell"]["lr"] for r in results if _matches(r, task, arm, targets, budget) and r["cell"]["seed"] == 0}
+    done = {r["cell"]["lr"] for r in results if matches_arm(r, task, arm, targets, budget) and r["cell"]["seed"] == 0}
     todo = [lr for lr in grid if lr not in done]
     if not todo and done:
         best = best_lr(results, task, arm, targets, budget)
@@ -519,171 +310,6 @@ def _write(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
-
-
-# --- report ---------------------------------------------------------------------------------------------
-
-METRICS = {
-    "test_nll": "test NLL",
-    "test_acc": "test acc",
-    "test_em": "GSM8K EM",
-    "trained_recall": "recall (trained wording)",
-    "test_recall": "recall (new wording)",
-    "wiki_nll": "WikiText NLL",
-}
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.4f} (1 seed)"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def summarize(results: list[dict], bases: dict[str, dict]) -> list[dict]:
-    """Per (task, budget, arm): the chosen LR, the LR curve (val NLL, seed 0) and test metrics over seeds."""
-    rows = []
-    groups = sorted({(r["cell"]["task"], r["cell"]["targets"], r["cell"]["budget"], r["cell"]["arm"]) for r in results})
-    full_done: set[str] = set()  # full FT has no budget: one row per task, whichever targets its cells recorded
-    for task, targets, budget, arm in groups:
-        if arm == "full":
-            if task in full_done:
-                continue
-            full_done.add(task)
-        lr = best_lr(results, task, arm, targets, budget)
-        runs = [r for r in results if _matches(r, task, arm, targets, budget)]
-        at_lr = [r for r in runs if r["cell"]["lr"] == lr]
-        curve = {r["cell"]["lr"]: r["metrics"]["val_nll"] for r in runs if r["cell"]["seed"] == 0}
-        row = {
-            "task": task,
-            "budget": "dense" if arm == "full" else f"{targets}-{budget}",
-            "arm": arm,
-            "lr": lr,
-            "seeds": len(at_lr),
-            "trainable": at_lr[0]["trainable"],
-            "lr_curve": dict(sorted(curve.items())),
-        }
-        for key in METRICS:
-            row[key] = [r["metrics"][key] for r in at_lr if key in r["metrics"]]
-        row["base"] = bases.get(task, {}).get("metrics", {})
-        row["spread"] = _spread(at_lr[0].get("selection"))
-        rows.append(row)
-    return rows
-
-
-def _spread(selection: dict | None) -> str:
-    """Where a selection sits: modules used, and the share of blocks in its two most used input column blocks."""
-    if not selection:
-        return "–"
-    counts = sorted(selection["column_blocks"].values(), reverse=True)
-    top2 = sum(counts[:2]) / max(1, sum(counts))
-    return f"{selection['modules_used']}/{selection['modules']} modules, {top2:.0%} in 2 column blocks"
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = []
-    for task in sorted({r["task"] for r in rows}):
-        base = next(r["base"] for r in rows if r["task"] == task)
-        keys = [k for k in METRICS if any(r[k] for r in rows if r["task"] == task)]
-        untuned = ", ".join(f"{METRICS[k]} {base[k]:.4f}" for k in keys if k in base)
-        header = " | ".join(["budget", "arm", "trainable", "LR (val)", "seeds", *(METRICS[k] for k in keys)])
-        lines += [f"### {task}", "", f"untuned: {untuned}", "", f"| {header} | val NLL by LR (seed 0) | selection |",
-                  "|---|---|---:|---:|---:|" + "---|" * len(keys) + "---|---|"]  # fmt: skip
-        for r in (r for r in rows if r["task"] == task):
-            curve = " · ".join(f"{lr:g}: {v:.3f}" for lr, v in r["lr_curve"].items())
-            cells = " | ".join(_mean_std(r[k]) for k in keys)
-            lines.append(f"| {r['budget']} | {r['arm']} | {r['trainable']:,} | {r['lr']:g} | {r['seeds']} | {cells} | "
-                         f"{curve} | {r['spread']} |")  # fmt: skip
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
-    for col, task in enumerate(tasks):
-        mine = [r for r in rows if r["task"] == task and r["test_nll"]]
-        names = [f"{r['arm']}\n{r['budget']}" for r in mine]
-        means = [statistics.mean(r["test_nll"]) for r in mine]
-        stds = [statistics.stdev(r["test_nll"]) if len(r["test_nll"]) > 1 else 0 for r in mine]
-        axes[0][col].barh(names, means, xerr=stds, color="tab:blue")
-        axes[0][col].set_xlim(min(means) * 0.98, max(means) * 1.01)
-        axes[0][col].set_title(f"{task}: test NLL at the validation-chosen LR (mean ± std)")
-        for r in mine:
-            curve = r["lr_curve"]
-            axes[1][col].plot(list(curve), list(curve.values()), marker="o", label=f"{r['arm']} {r['budget']}")
-        axes[1][col].set_xscale("log")
-        axes[1][col].set_xlabel("learning rate")
-        axes[1][col].set_ylabel("validation NLL (seed 0)")
-        axes[1][col].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-REPORT_HEADER = """# Quality study (generated by `python scripts/quality.py report`; do not edit by hand)
-
-SmolLM2-135M-Instruct on CPU, trained in bf16-mixed (autocast; fp32 weights and optimizer state) and evaluated
-in fp32; cells trained in fp32 (`*-fp32.json`) check that precision at the end of this page. Every arm trains
-100 optimizer steps of batch 8 (≤ 192 tokens) on the same batches in the same order (the data seed is the run's
-seed); SMT's 5 warm-up steps are inside the 100 (gradient-free `random` needs none). Equal budget: every sparse
-arm gets the trainable-weight count of LoRA of the budget's rank on the same targets (`budget` column: targets
-and rank, e.g. `qkv-r8`; `trainable` column, exact); SMT blocks are 64² unless the arm says `@<side>`. AdamW, cosine
-schedule to 0.1×, 3 LR warm-up steps. Each arm's LR is the seed-0 LR with the lowest *validation* NLL; test
-columns are mean ± std over the seeds run at that LR. NLL = mean next-token negative log-likelihood of the
-held-out responses (alpaca: 200 records; GSM8K: 200 test problems; ARC-Easy: the correct answer's text); ARC
-accuracy = choice with the highest log-probability per byte (300 test questions); GSM8K exact match only where
-a cell asked for it (`run --em N`); WikiText NLL = 24 fixed windows of 256 tokens of WikiText-2 test
-(forgetting: compare with the untuned line). Raw results:
-`docs/quality/raw/<task>/<targets>-<budget>/<arm>/seed<S>-lr<LR>.json`.
-
-**Knowledge tasks** (`facts-N`, generated by `smt.eval.knowledge`): N facts about fictional people (home city,
-job, pet, favourite sport; values paired at random), every fact trained in three question wordings for 8
-epochs (`steps` = 8 · 3N / 8, batch 8), with the prompt `Question: …\nAnswer:`; the LR grid starts at 3e-3 and
-the LR is chosen by the NLL of the answers asked in a validation wording never trained on. Recall = the share of
-(up to 200) facts whose true value is the most likely of the attribute's 20 values (chance 0.05), asked in the
-trained wording (`recall (trained wording)`: did the fact go in?) and in a test wording never trained on
-(`recall (new wording)`: can the model use it?). `spread:<criterion>` is SMT with `allocation: proportional`.
-
-"""
-
-
-def precision_check(out: Path) -> str:
-    """The same cells trained in fp32 and in bf16-mixed, side by side: how much the precision moves the metrics."""
-    fp32 = {_same_run(r): r for r in load_results(out, "32-true")}
-    pairs = [(fp32[_same_run(r)], r) for r in load_results(out, "bf16-mixed") if _same_run(r) in fp32]
-    if not pairs:
-        return ""
-    lines = ["### precision check: the same cells trained in fp32 and in bf16-mixed", "",
-             "| task | arm | LR | val NLL fp32 → bf16 | test NLL fp32 → bf16 | WikiText NLL fp32 → bf16 |",
-             "|---|---|---:|---|---|---|"]  # fmt: skip
-    for a, b in pairs:
-        moves = [f"{a['metrics'][k]:.4f} → {b['metrics'][k]:.4f}" for k in ("val_nll", "test_nll", "wiki_nll")]
-        lines.append(f"| {a['cell']['task']} | {a['cell']['arm']} | {a['cell']['lr']:g} | " + " | ".join(moves) + " |")
-    return "\n".join([*lines, ""])
-
-
-def _same_run(record: dict) -> tuple:
-    c = record["cell"]
-    return c["task"], c["arm"], c["lr"], c["seed"], c["targets"], c["budget"], c["steps"]
-
-
-def report(harness: Harness, out_md: Path) -> str:
-    results = load_results(harness.out, harness.precision)
-    bases = {p.parent.name: json.loads(p.read_text()) for p in harness.out.glob("*/base.json")}
-    rows = summarize(results, bases)
-    text = markdown(rows) + "\n" + precision_check(harness.out)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(REPORT_HEADER + text)
-    if rows:
-        plot(rows, out_md.with_suffix(".png"))
-    (out_md.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
-    return text
 
 
 # --- command line -----------------------------------------------------------------------------------------

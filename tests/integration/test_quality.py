@@ -59,6 +59,14 @@ def test_task_specific_metrics_are_reported(tiny_run):
     by_task = {r["cell"]["task"]: r["metrics"] for r in results}
     assert 0.0 <= by_task["arc_easy"]["test_acc"] <= 1.0 and "test_em" in by_task["gsm8k"]
     assert "### arc_easy" in markdown and "test acc" in markdown and "GSM8K EM" in markdown
+    facts = {r["cell"]["arm"]: r for r in results if r["cell"]["task"] == "facts-8"}
+    assert set(facts) == {"spread:grad_sq", "rslora"}
+    for split in ("trained", "val", "test"):
+        assert 0.0 <= facts["rslora"]["metrics"][f"{split}_recall"] <= 1.0
+    spread = facts["spread:grad_sq"]["selection"]
+    assert spread["modules_used"] == spread["modules"]  # proportional: every module gets its share
+    assert facts["spread:grad_sq"]["trainable"] == facts["rslora"]["trainable"]
+    assert "### facts-8" in markdown and "recall (new wording)" in markdown
 
 
 def test_lr_is_chosen_on_validation_and_the_sweep_extends_past_a_winning_edge(quality):
@@ -74,9 +82,9 @@ def test_lr_is_chosen_on_validation_and_the_sweep_extends_past_a_winning_edge(qu
     assert quality.sweep_cells(results, "alpaca", "lora", "qkv", "r8", steps=100) == []
 
 
-def test_arc_records_keep_the_answer_text_and_the_choices(quality):
+def test_arc_records_keep_the_answer_text_and_the_choices():
     row = {"instruction": "Please choose the correct answer to the question: Which is a gas?\n\nAnswer1: ice "
            "Answer2: steam Answer3: rock\n\nAnswer format: answer1/answer2/answer3", "answer": "answer2"}  # fmt: skip
-    record = quality.arc_record(row)
+    record = import_script("quality_tasks").arc_record(row)
     assert record["instruction"] == "Which is a gas?" and record["output"] == "steam"
     assert record["choices"] == ["ice", "steam", "rock"] and record["label"] == 1

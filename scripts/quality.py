@@ -217,6 +217,7 @@ PLANS = {
     "structure": ["strips:random", "strips:grad_snr", "regrow:grad_snr"],
     # where sparse capacity should matter (facts-N): the default, its per-module spread, random blocks, the ceiling
     "capacity": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random", "full"],
+    "capacity-sparse": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random"],  # full FT has no budget to vary
     "spread": ["spread:grad_sq"],
 }
 

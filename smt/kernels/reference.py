@@ -14,10 +14,15 @@ Saved columns: only the *distinct* input column blocks the selection reads are c
 The only ragged column block is the last one of the grid, so it is always stored last and every
 offset stays a multiple of ``bi``.
 
-All functions accumulate in fp32 and bound their transient memory by working in chunks.
+All functions accumulate in fp32 and bound their transient memory by working in chunks. The two reductions
+(weight gradient, scores) also switch off an enclosing autocast: a backward run inside ``torch.autocast`` would
+otherwise recast their fp32 matmuls to bf16 and round the result.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -25,6 +30,15 @@ from smt.kernels.blocks import BlockGrid, BlockPlan
 
 CHUNK_BYTES = 64 * 2**20
 """Transient-memory bound for chunked reductions (bytes of fp32 work space)."""
+
+
+def _without_autocast(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def run(dy: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            return fn(dy, *args, **kwargs)
+
+    return run
 
 
 def gather_columns(x: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
@@ -46,6 +60,7 @@ def _chunks(count: int, per_item_bytes: int) -> range:
     return range(0, count, step), step
 
 
+@_without_autocast
 def block_weight_grad(dy: torch.Tensor, x_cols: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """``dΔ_b = g[:, rows_b]ᵀ · x[:, cols_b]`` for every selected block, fp32 ``[k, bo, bi]``, ragged parts 0.
 
@@ -68,6 +83,7 @@ def block_weight_grad(dy: torch.Tensor, x_cols: torch.Tensor, plan: BlockPlan) -
     return out * (row_valid[:, :, None] & col_valid[:, None, :])
 
 
+@_without_autocast
 def block_scores(dy: torch.Tensor, x: torch.Tensor, grid: BlockGrid, reduction: str) -> torch.Tensor:
     """Per-block reduction of ``G = gᵀx`` without keeping G: ``[n_rb, n_cb]`` fp32.
 

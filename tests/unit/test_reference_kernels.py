@@ -66,3 +66,15 @@ def test_backend_dispatch_and_forced_triton_error():
     assert backend_for("auto", "cpu").name == "torch"
     with pytest.raises(ValueError, match="smt.kernel="):
         backend_for("cuda-magic", "cpu")
+
+
+def test_reductions_stay_fp32_inside_an_autocast_region():
+    grid = BlockGrid(64, 96, 32, 32)
+    plan = BlockPlan.build(grid, grid.all_blocks()[:3])
+    x, g = torch.randn(40, 96), torch.randn(40, 64)
+    x_cols = reference.gather_columns(x, plan)
+    plain = reference.block_weight_grad(g, x_cols, plan), reference.block_scores(g, x, grid, "sq")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward run inside autocast sees this region
+        cast = reference.block_weight_grad(g, x_cols, plan), reference.block_scores(g, x, grid, "sq")
+    for a, b in zip(plain, cast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)

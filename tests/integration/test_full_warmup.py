@@ -35,7 +35,8 @@ def run(tmp_path_factory, train_file) -> Path:
     folder = tmp_path_factory.mktemp("full_warmup")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        assert main(["fit", "--config", str(DEBUG_CONFIG), "--data.train_path", str(train_file), *FULL, *EVERY_STEP]) == 0
+        args = ["fit", "--config", str(DEBUG_CONFIG), "--data.train_path", str(train_file), *FULL, *EVERY_STEP]
+        assert main(args) == 0
     return folder / "runs" / "debug"
 
 
@@ -46,7 +47,8 @@ def state(run: Path, step: int) -> dict:
 def test_dense_weights_train_in_the_warmup_only_and_their_state_is_freed(run):
     s = {step: state(run, step) for step in (1, 2, 3, 4, 8)}
     weights = {step: s[step]["state_dict"] for step in s}
-    assert not torch.equal(weights[1][DENSE], weights[2][DENSE]) and not torch.equal(weights[2][DENSE], weights[3][DENSE])
+    assert not torch.equal(weights[1][DENSE], weights[2][DENSE])
+    assert not torch.equal(weights[2][DENSE], weights[3][DENSE])
     for name in (DENSE, TARGET):  # frozen from the selection on: the blocks tune on W_warm
         assert torch.equal(weights[3][name], weights[8][name]), name
     groups = s[2]["optimizer_states"][0]["param_groups"]
@@ -61,9 +63,13 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def test_merged_model_and_warm_base_plus_delta_equal_the_trained_model(run, tmp_path):
+def load(folder: Path):
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_merged_model_and_warm_base_plus_delta_equal_the_trained_model(run, tmp_path):
     checkpoint = run / "checkpoints" / "step=8.ckpt"
     trained = model_from_checkpoint(checkpoint).model.eval()
     ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -71,13 +77,13 @@ def test_merged_model_and_warm_base_plus_delta_equal_the_trained_model(run, tmp_
     delta = tmp_path / "delta.safetensors"
     assert main(["export", str(checkpoint), "--merged", str(tmp_path / "merged"), "--delta", str(delta), "--dtype",
                  "float32"]) == 0  # fmt: skip
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32, attn_implementation="eager").eval()
+    merged = load(tmp_path / "merged")
     assert torch.equal(logits(merged, ids), expected)
     warm = tmp_path / "delta.warm_base"
     assert main(["merge", str(warm), str(delta), str(tmp_path / "rebuilt")]) == 0
-    rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt", dtype=torch.float32, attn_implementation="eager").eval()
+    rebuilt = load(tmp_path / "rebuilt")
     assert torch.equal(logits(rebuilt, ids), expected)
-    swapped = AutoModelForCausalLM.from_pretrained(warm, dtype=torch.float32, attn_implementation="eager").eval()
+    swapped = load(warm)
     DeltaSet(swapped).add("tuned", delta)
     assert (run / "delta.warm_base" / "config.json").is_file()  # fit's own delta_path got its warmed base too
 

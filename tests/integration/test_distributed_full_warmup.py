@@ -68,14 +68,14 @@ def test_resume_under_ddp_matches_the_uninterrupted_run(ddp, tmp_path, step):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "message"),
+    ("strategy", "hparams", "message"),
     [
-        (DDPStrategy(find_unused_parameters=False), "use strategy=ddp_find_unused_parameters_true$"),
-        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), "not supported under DeepSpeedStrategy"),
+        (DDPStrategy(find_unused_parameters=False), {}, "use strategy=ddp_find_unused_parameters_true$"),
+        (DeepSpeedStrategy.__new__(DeepSpeedStrategy), {}, "not supported under DeepSpeedStrategy"),
+        (DDPStrategy(find_unused_parameters=True), {"slim_checkpoints": True, "model": "m"}, "slim_checkpoints=false$"),
     ],
 )
-def test_strategies_a_full_warmup_cannot_run_under_are_refused_in_one_line(strategy, message):
-    network = torch.nn.Linear(4, 4)
+def test_what_a_full_warmup_cannot_run_under_is_refused_in_one_line(strategy, hparams, message):
     with pytest.raises(ValueError, match=message) as caught:
-        check_full_warmup(SimpleNamespace(strategy=strategy), torch.nn.Module(), network)
+        check_full_warmup(SimpleNamespace(strategy=strategy), SimpleNamespace(hparams=hparams), torch.nn.Linear(4, 4))
     assert "\n" not in str(caught.value)

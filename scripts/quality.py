@@ -21,7 +21,10 @@ Every run also reports forgetting: WikiText-2 NLL (fixed windows of its test spl
 Arms (``--arm``): ``full``, ``lora``, ``rslora`` (LoRA scaled by α/√r), ``smt:<criterion>`` (64² blocks, the best
 blocks anywhere; ``smt:<criterion>@32`` for 32² blocks), ``spread:<criterion>`` (SMT with
 ``allocation=proportional``: each module's share of the budget by its size, its best blocks by the criterion),
-``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth).
+``strips:<criterion>`` (whole output rows, S²FT-style), ``regrow:<criterion>`` (SMT + SpIEL-style AG regrowth),
+``warm:<criterion>`` (the paper's warm-up, ``smt.warmup_updates=full``: every weight trains for the warm-up's steps
+at ``WARM_LR``, then the blocks from the warmed weights; compare with ``smt:<criterion>``, whose warm-up steps
+update nothing, over the same steps and batches: the warm arm makes ``warmup`` more optimizer updates).
 Budgets: ``r8`` / ``r32`` = as many trainable weights as LoRA of that rank on the same targets (counted exactly
 and reported); targets ``qkv``, ``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps``
 optimizer steps on the same batches in the same order (the data seed is the run's seed); SMT's warm-up steps are
@@ -121,11 +124,12 @@ def build_module(cell: Cell, harness: Harness):
         return module, arm_callbacks(module, kind, targets, rank)
     block = (1, -1) if kind == "strips" else int(side) if side else cell.block_size
     regrowth = RegrowthConfig(every=20, accumulate=5, rate=0.2, criterion="ag") if kind == "regrow" else None
-    warmup = cell.warmup if get_criterion(criterion).needs_gradients else 0
+    warmup = cell.warmup if get_criterion(criterion).needs_gradients or kind == "warm" else 0
     allocation = "proportional" if kind == "spread" else "global"
+    dense = {"warmup_updates": "full", "warmup_lr": WARM_LR} if kind == "warm" else {}
     return module, arm_callbacks(module, "smt", targets, rank, block_size=block, warmup_steps=warmup,
                                  criterion=criterion, regrowth=regrowth, seed=cell.seed,
-                                 allocation=allocation)  # fmt: skip
+                                 allocation=allocation, **dense)  # fmt: skip
 
 
 class LossCurve(StepClock):
@@ -206,6 +210,8 @@ def run_base(task: str, harness: Harness) -> dict:
 
 # --- the study ----------------------------------------------------------------------------------------
 
+WARM_LR = 1e-4
+"""LR of the ``warm:`` arm's dense warm-up (the first of full FT's grid; the paper used 9.65e-6 on 7B models)."""
 LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4], "facts": [3e-3, 1e-3, 1e-2]}
 """Seed-0 learning rates per arm, tried in this order (the middle first, so an early stop still compares arms)."""
 HEADLINE = ["lora", "smt:grad_sq", "smt:random", "smt:grad_snr", "full"]
@@ -219,6 +225,7 @@ PLANS = {
     "capacity": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random", "full"],
     "capacity-sparse": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random"],  # full FT has no budget to vary
     "spread": ["spread:grad_sq"],
+    "warmup": ["smt:grad_sq", "warm:grad_sq"],  # the paper's dense warm-up against score-only, same steps
 }
 
 
@@ -361,6 +368,7 @@ def tiny(out: Path, precision: str) -> int:
         ("alpaca", arm)
         for arm in ("full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr")
     ]
+    cells += [("alpaca", "warm:grad_sq")]  # the paper's dense warm-up
     cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora"), ("facts-8", "spread:grad_sq"), ("facts-8", "rslora")]
     for task, arm in cells:
         lr = 1e-3 if arm == "full" else 1e-2

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from smt.adapters.warm_base import check_warm_base, model_warm_tag, save_warm_base, warm_tag_of
 from smt.core.io import atomic_save_safetensors, parse_count, parse_grids, parse_json, read_safetensors
 from smt.core.model import DTYPES, apply_selection, bank_holder, current_selection, get_bank, sparse_layers
 from smt.core.selection import Selection
@@ -29,21 +30,31 @@ FORMAT_VERSION = 1
 
 
 def save_delta(
-    model: nn.Module, path: str | Path, base_model_id: str | None = None, dtype: str | torch.dtype = "bfloat16"
+    model: nn.Module,
+    path: str | Path,
+    base_model_id: str | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    tokenizer=None,
 ) -> Path:
-    """Write the model's tuned blocks to ``path`` (atomic write).
+    """Write the model's tuned blocks to ``path`` (atomic write), and after a full warm-up its warmed base beside it
+    (``smt.adapters.warm_base``: without it Δ would rebuild a model that was never trained).
 
     Args:
         model: a tuning model (``apply_selection`` was applied, or the warm-up selected).
         path: target ``.safetensors`` file.
         base_model_id: name or path of the base model (default: ``model.config._name_or_path`` when present).
         dtype: storage dtype of Δ (``bfloat16``, ``float16`` or ``float32``).
+        tokenizer: saved with the warmed base (so ``smt merge`` can use that folder as its base).
 
     Returns:
         The path written.
     """
     tensors, metadata = delta_state(model, base_model_id, dtype)
-    return atomic_save_safetensors(tensors, Path(path), metadata)
+    written = atomic_save_safetensors(tensors, Path(path), metadata)
+    tag = model_warm_tag(model)
+    if tag is not None:
+        save_warm_base(bank_holder(model), written, tag, tokenizer)
+    return written
 
 
 def delta_state(
@@ -166,9 +177,11 @@ def load_delta(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply a delta file to ``model`` (a fresh base model, or one whose bank has the same capacity).
 
     Raises:
-        ValueError: the file is invalid or does not fit the model; the model is left unchanged.
+        ValueError: the file is invalid or does not fit the model (a full warm-up's delta on anything but its warmed
+            base); the model is left unchanged.
     """
-    selection, deltas, _ = read_delta(path)
+    selection, deltas, meta = read_delta(path)
+    check_warm_base(model, warm_tag_of(meta.get("provenance")), path)
     apply_selection(model, selection)
     bank = get_bank(model)
     with torch.no_grad():

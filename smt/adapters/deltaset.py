@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from smt.adapters.delta import read_delta
+from smt.adapters.warm_base import check_warm_base, warm_tag_of
 from smt.core.model import check_selection_fits, logical_weight
 from smt.core.quant import is_quantized
 from smt.core.selection import Selection
@@ -92,8 +93,13 @@ def check_delta_fits(
     """Raise unless a delta file read by ``read_delta`` fits the plain ``model`` (see :func:`read_delta_for`).
 
     Raises:
-        ValueError: another base (names, shapes or id), or a weight that cannot take a delta.
+        ValueError: another base (names, shapes or id; a full warm-up's delta needs its warmed base), or a weight
+            that cannot take a delta.
     """
+    tag = warm_tag_of(meta.get("provenance"))
+    check_warm_base(model, tag, path)
+    if tag is not None:  # the warmed base is a folder of its own name, and its tag already proved it is the one
+        base_model_id = ""
     if base_model_id is None:
         base_model_id = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not same_base(base_model_id, meta.get("base_model_id")):

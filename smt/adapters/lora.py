@@ -27,6 +27,7 @@ from torch import nn
 
 from smt.adapters.delta import dense_deltas_of, read_delta
 from smt.adapters.deltaset import check_delta_fits
+from smt.adapters.warm_base import model_warm_tag, refuse_warm, warm_tag_of
 from smt.core.merge import remove_smt
 from smt.core.model import logical_weight, sparse_layers
 
@@ -154,6 +155,7 @@ def export_lora(
         ValueError: ``rank`` < 1, or the model mixes ``[in, out]`` (Conv1D) and ``[out, in]`` weights.
     """
     _check_rank(rank)
+    refuse_warm(model_warm_tag(model), "a LoRA adapter")
     if sample_ids is not None and any(layer.quantized for layer in sparse_layers(model).values()):
         sample_ids = None
     base_model_id = base_model_id or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -177,6 +179,7 @@ def export_lora_from_file(
     """
     _check_rank(rank)
     selection, deltas, meta = read_delta(delta_path)
+    refuse_warm(warm_tag_of(meta.get("provenance")), "a LoRA adapter")
     check_delta_fits(base, selection, meta, delta_path)
     base_model_id = meta.get("base_model_id") or None
     return write_lora(dense_deltas_of(selection, deltas), base, folder, rank, base_model_id, dtype, sample_ids)

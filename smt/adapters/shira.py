@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from smt.adapters.delta import dense_deltas_of, read_delta
+from smt.adapters.warm_base import model_warm_tag, refuse_warm, warm_tag_of
 from smt.core.model import sparse_layers
 
 
@@ -51,6 +52,7 @@ def export_shira(model: nn.Module, folder: str | Path, base_model_id: str | None
     Raises:
         ValueError: a tuned module is not an ``nn.Linear`` (GPT-2 ``Conv1D``), or one ``r`` cannot fit every module.
     """
+    refuse_warm(model_warm_tag(model), "a PEFT SHiRA adapter")
     supports = {}
     for name, layer in sparse_layers(model).items():
         if layer.slot_ids():
@@ -66,6 +68,7 @@ def export_shira(model: nn.Module, folder: str | Path, base_model_id: str | None
 def export_shira_from_file(delta_path: str | Path, folder: str | Path, dtype=torch.float32) -> ShiraReport:
     """``export_shira`` for a delta file (validated by ``read_delta``); no model needed."""
     selection, deltas, meta = read_delta(delta_path)
+    refuse_warm(warm_tag_of(meta.get("provenance")), "a PEFT SHiRA adapter")
     dense = dense_deltas_of(selection, deltas)
     supports = {name: (delta, _support(selection.grids[name], selection.blocks[name])) for name, delta in dense.items()}
     return write_shira(supports, folder, meta.get("base_model_id") or None, dtype)

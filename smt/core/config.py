@@ -19,6 +19,7 @@ from smt.kernels.blocks import block_pair
 FORWARD_MODES = ("auto", "materialize", "additive")
 ALLOCATIONS = ("global", "proportional")
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
+WARMUP_UPDATES = ("none", "full")
 DEFAULT_DENSITY = 0.01
 
 
@@ -73,7 +74,16 @@ class SMTConfig:
     warm-up's gradients, which pile into a few modules and input columns) or ``proportional`` (each module gets
     blocks in proportion to its weights, like LoRA's rank, and the scores choose which of its blocks)."""
     warmup_steps: int = 100
-    """Optimizer steps of scoring before selection (nothing is updated during them)."""
+    """Optimizer steps of scoring before selection (nothing is updated during them unless ``warmup_updates=full``)."""
+    warmup_updates: str = "none"
+    """What the warm-up trains: ``none`` (only scores; the weights stay W0) or ``full`` (the paper's code: every
+    weight of the network that holds the bank trains densely while the scores accumulate, and the blocks then tune
+    on the warmed weights). ``full`` holds full fine-tuning's gradients and optimizer state for the warm-up (freed at
+    selection), needs ``model.slim_checkpoints=false``, a float base, and DDP with ``find_unused_parameters=True``;
+    its delta file needs the warmed base written beside it (``<delta>.warm_base``) to rebuild the model."""
+    warmup_lr: float | None = None
+    """Learning rate of the dense weights during a ``full`` warm-up (constant; None = the optimizer's LR). The
+    paper's runs used 9.65e-6."""
     criterion: str = "grad_sq"
     """block score: ``grad_sq`` (Σ of squared block gradients per micro-batch, memory-light), ``grad_mean_abs``
     (|mean of the summed gradient|, memory-light), ``grad_abs_mean`` (mean |summed gradient|, SMT's README
@@ -119,6 +129,11 @@ class SMTConfig:
         _check_choice(self.delta_dtype, DELTA_DTYPES, "delta_dtype")
         if self.warmup_steps < 0:
             raise ValueError(f"smt.warmup_steps={self.warmup_steps} must be ≥ 0")
+        _check_choice(self.warmup_updates, WARMUP_UPDATES, "warmup_updates")
+        if self.warmup_updates == "full" and self.warmup_steps == 0:
+            raise ValueError("smt.warmup_updates=full needs smt.warmup_steps ≥ 1 (the steps of dense training)")
+        if self.warmup_lr is not None and (self.warmup_updates != "full" or not self.warmup_lr > 0):
+            raise ValueError(f"smt.warmup_lr={self.warmup_lr} needs smt.warmup_updates=full and a value > 0")
         if self.max_blocks_per_module is not None and self.max_blocks_per_module < max(1, self.min_blocks_per_module):
             raise ValueError(
                 f"smt.max_blocks_per_module={self.max_blocks_per_module} is below "

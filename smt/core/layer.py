@@ -8,7 +8,8 @@ For input ``x`` ``[T, in]`` (any leading shape), frozen ``W0`` ``[out, in]`` and
               dΔ_b = Σ_t g[t, rows_b]ᵀ · x[t, cols_b]          (only the selected blocks)
 
 Backward keeps a *copy* of only the input columns the selected blocks read, never the whole input;
-a layer with no selected block saves nothing. No gradient of ``W0`` is ever formed.
+a layer with no selected block saves nothing. No gradient of ``W0`` is formed unless ``W0`` itself requires grad
+(a full warm-up, ``smt.warmup_updates=full``: ``dW0 = gᵀ · x`` from the whole input, which scoring keeps anyway).
 
 During the warm-up (bank not tuning) the same function taps ``g`` and ``x`` into a ``BlockScorer``;
 the slots get zero gradients (dropped before the optimizer step), so nothing is updated.
@@ -66,7 +67,7 @@ class _MaterializedLinear(torch.autograd.Function):
         x_c = x.to(dtype)  # under autocast the saved columns are kept in the compute dtype, as autocast would
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x_c, w_eff.to(dtype), None if bias is None else bias.to(dtype))
-        _save(ctx, x_c, delta, step)
+        _save(ctx, x_c, delta, step, keep_input=ctx.needs_input_grad[1])
         ctx.dtype, ctx.bias_shape, ctx.delta_input = dtype, None if bias is None else bias.shape, 3
         step.weight = w0
         return y
@@ -79,7 +80,11 @@ class _MaterializedLinear(torch.autograd.Function):
             w_eff = _effective_weight(step.weight, delta, step)
             dx = (g.to(ctx.dtype) @ w_eff.to(ctx.dtype)).view(*ctx.x_shape)
         dbias = g.sum(0).view(ctx.bias_shape) if ctx.needs_input_grad[2] else None
-        return dx, None, dbias, _delta_grad(ctx, g, x2d, x_cols, delta, step), None, None
+        dweight = None
+        if ctx.needs_input_grad[1]:  # a full warm-up trains W0 densely; the logical gᵀx, stored as the weight is
+            dweight = (g.to(ctx.dtype).t() @ x2d.to(ctx.dtype)).to(step.weight.dtype)
+            dweight = dweight.t() if step.transposed else dweight
+        return dx, dweight, dbias, _delta_grad(ctx, g, x2d, x_cols, delta, step), None, None
 
 
 class _AdditiveDelta(torch.autograd.Function):
@@ -112,11 +117,12 @@ def _effective_weight(w0: torch.Tensor, delta: torch.Tensor | None, step: _Step)
     return step.ops.materialize(w0, delta, step.plan)
 
 
-def _save(ctx, x: torch.Tensor, delta: torch.Tensor, step: _Step) -> None:
-    """Keep what backward needs: the whole input only while scoring, else a copy of the selected columns."""
+def _save(ctx, x: torch.Tensor, delta: torch.Tensor, step: _Step, keep_input: bool = False) -> None:
+    """Keep what backward needs: the whole input only while scoring (or for a dense weight gradient), else a copy of
+    the selected columns."""
     ctx.step, ctx.x_shape = step, x.shape
     x2d = x.reshape(-1, x.shape[-1])
-    if step.scorer is not None:
+    if step.scorer is not None or keep_input:
         ctx.save_for_backward(x2d, None, delta)
     elif step.plan is not None:
         ctx.save_for_backward(None, step.ops.gather_columns(x2d, step.plan), delta)

@@ -55,6 +55,7 @@ def load_records(
     key = ("normalize", raw._fingerprint, schema)
     return map_records(raw, _normalizer(schema, path), raw.column_names, key, with_indices=True)
 
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -81,7 +82,6 @@ def gsm8k_reference(answer: str) -> str:
     if _NUMBER.fullmatch(value) is None:
         raise ValueError(f"GSM8K answer has no number after '####': {tail.strip()[:40]!r}")
     return value
-
 
 
 def _read_json_records(path: Path, cache_dir: str | Path | None, role: str) -> datasets.Dataset:

@@ -9,7 +9,8 @@ Lifecycle (hook order verified against lightning 2.6 ``Trainer._run``: ``setup``
   builds its layers in ``configure_model``, injection runs right after it instead.
 - warm-up = the first ``warmup_steps`` optimizer steps of ordinary training: the layers tap block
   scores; in ``on_before_optimizer_step`` every gradient is dropped (Lightning clips and steps after
-  this hook), so nothing is updated and no optimizer state is made.
+  this hook), so nothing is updated and no optimizer state is made. With ``warmup_updates=full`` only the slots'
+  gradients are dropped and the network trains densely (``smt.lightning.full_warmup``).
 - at the last warm-up step: scores are summed across ranks, blocks selected, the selection's hash
   compared across ranks, the slots pointed at the blocks, their optimizer state cleared, tuning on.
 - state: the map and phase are module buffers/extra state (restored with the weights); the warm-up's
@@ -72,6 +73,7 @@ from smt.lightning.distributed import (
     state_for_rank,
     sum_over_ranks,
 )
+from smt.lightning.full_warmup import FullWarmup, check_full_warmup
 from smt.lightning.guards import drop_gradients, loss_scale
 from smt.lightning.step_flags import step_flags
 
@@ -90,6 +92,8 @@ class SparseMatrixTuning(Callback):
     def __init__(self, *args, **settings) -> None:
         self.config = CallbackConfig(*args, **settings)
         self.progress = ProgressCheck(self.config.check_progress_after)
+        full = self.config.warmup_updates == "full"
+        self.full_warmup: FullWarmup | None = FullWarmup(self.config.warmup_lr) if full else None
         self.regrower: Regrower | None = None
         self._network_path: str | None = None  # the default holder's attribute, once found ("" = the module itself)
         self._network_config: SMTConfig = self.config  # patterns as names relative to the network that gets the bank
@@ -160,6 +164,9 @@ class SparseMatrixTuning(Callback):
             self._add_bank(pl_module, network)
         if self.config.trainable_modules:
             train_densely(pl_module, self.config.trainable_modules, network)
+        if self.full_warmup is not None and stage == "fit":
+            check_full_warmup(trainer, pl_module, network)
+            self.full_warmup.train(network)  # trainable before the strategy wraps, even when resumed after selection
         bank = get_bank(network)
         if stage == "fit" and not bank.tuning:
             if not (self.steps_scored or self._pending_state is not None):  # resuming: checked when the run began
@@ -196,6 +203,10 @@ class SparseMatrixTuning(Callback):
         if bank.tuning and self.phase == "warmup":  # restored after selection
             stop_scoring(self.target(pl_module))
             self._scorers, self.phase = {}, "tuning"
+        if self.full_warmup is not None:
+            self.full_warmup.check_optimizer(trainer.optimizers)
+            if self.phase == "tuning":  # resumed after selection: freeze and free what the checkpoint restored
+                self.full_warmup.end(self.target(pl_module), trainer.optimizers)
         if self.phase == "warmup" and self.config.warmup_steps == 0:  # gradient-free criterion: choose now
             self._select(trainer, pl_module, tuning_start=trainer.global_step)
         if self.config.regrowth is not None and self.regrower is None:
@@ -238,7 +249,10 @@ class SparseMatrixTuning(Callback):
         if self.phase != "warmup":
             return
         # Lightning unscaled (and recorded GradScaler's inf check) before this hook, so None is safe under fp16.
-        drop_gradients(optimizer)
+        if self.full_warmup is None:
+            drop_gradients(optimizer)
+        else:
+            self.full_warmup.drop_slot_gradients(self.target(pl_module))
         accept = self._taps_finite(trainer)
         for scorer in self._scorers.values():
             scorer.commit(accept)
@@ -250,6 +264,8 @@ class SparseMatrixTuning(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         left = max(0, self.config.warmup_steps - self.steps_scored) if self.phase == "warmup" else 0
         pl_module.log("smt/warmup_left", float(left), prog_bar=True)
+        if self.full_warmup is not None and self.phase == "tuning":  # after the last warm-up step's optimizer step
+            self.full_warmup.end(self.target(pl_module), trainer.optimizers)
         if self.progress.due and self.progress.pending is None:  # before regrowth, which zeroes the slots it swaps
             self.progress.look(get_bank(self.target(pl_module)).slots)
         if self.phase == "tuning" and self.regrower is not None:

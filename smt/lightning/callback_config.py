@@ -50,3 +50,7 @@ class CallbackConfig(SMTConfig):
                 f"smt.warmup_steps=0 needs a selection_path or a gradient-free criterion {gradient_free_criteria()}; "
                 f"criterion {self.criterion!r} scores gradients"
             )
+        if self.warmup_updates == "full" and self.selection_path is not None:
+            raise ValueError(
+                "smt.warmup_updates=full trains during the warm-up, which smt.selection_path skips; unset one of them"
+            )

@@ -59,7 +59,8 @@ def run_export(args: list[str]) -> None:
         raise ValueError(f"checkpoint {options.checkpoint} was taken before the selection; nothing to export yet")
     refuse_all_zero_delta(bool(local_slots_moved(bank.slots)), f"export {options.checkpoint}")
     if options.delta:
-        print(f"delta written to {save_delta(module.model, options.delta, module.hparams.model, options.dtype)}")
+        written = save_delta(module.model, options.delta, module.hparams.model, options.dtype, module.tokenizer)
+        print(f"delta written to {written}")
     if options.peft:
         from smt.adapters.shira import export_shira
 

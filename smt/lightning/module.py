@@ -34,6 +34,7 @@ from smt.core.quant import (
 )
 from smt.data.hub import from_pretrained
 from smt.data.loss import IGNORE_INDEX, labelled_positions_loss
+from smt.lightning.full_warmup import GROUP_FLAG, param_groups
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
 BUILTIN_TOKENIZERS = ("bytes",)
@@ -316,11 +317,14 @@ class SMTLanguageModel(LightningModule):
         if not params:
             raise ValueError("nothing to train: every parameter is frozen; check smt.target_modules/trainable_modules")
         hp = self.hparams
-        optimizer = build_optimizer(hp.optimizer, params, hp.lr, tuple(hp.betas), hp.weight_decay, self.device)
+        groups = param_groups(self.trainer, params)  # a full warm-up's dense weights get a group of their own
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, tuple(hp.betas), hp.weight_decay, self.device)
         offset = _smt_warmup_offset(self.trainer)
         total = max(1, int(self.trainer.estimated_stepping_batches) - offset)
         shape = warmup_cosine(total, self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio, self.hparams.scheduler)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, after_warmup(shape, offset))
+        # The dense group trains only in the warm-up, at a constant LR; the blocks' schedule starts after it.
+        lambdas = [_constant if g.get(GROUP_FLAG) else after_warmup(shape, offset) for g in optimizer.param_groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -339,6 +343,15 @@ class SMTLanguageModel(LightningModule):
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
     # --- outputs --------------------------------------------------------------------------------------
+
+    def _save_warm_base(self, delta_path: Path) -> None:
+        """After a full warm-up: the warmed base and tokenizer beside the delta (Δ alone does not rebuild the model)."""
+        from smt.adapters.warm_base import model_warm_tag, save_warm_base
+
+        tag = model_warm_tag(self.model)
+        if tag is not None:
+            folder = save_warm_base(self.model, delta_path, tag, self.tokenizer)
+            rank_zero_info(f"smt: warmed base written to {folder} (smt merge {folder} {delta_path} OUT)")
 
     def on_fit_end(self) -> None:
         bank = get_bank(self.model)
@@ -362,11 +375,16 @@ class SMTLanguageModel(LightningModule):
             if self.trainer.is_global_zero:
                 path = atomic_save_safetensors(tensors, Path(self.hparams.delta_path), metadata)
                 rank_zero_info(f"smt: delta written to {path}")
+                self._save_warm_base(path)
         if self.hparams.merged_dir and sharded:
             rank_zero_info("smt: merged_dir is not written under FSDP2; apply the delta with `smt merge` instead")
         elif self.hparams.merged_dir and self.trainer.is_global_zero:
             save_merged(self.model, self.tokenizer, self.hparams.merged_dir)
             rank_zero_info(f"smt: merged model written to {self.hparams.merged_dir}")
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def _model_inputs(batch: dict) -> dict:

@@ -118,3 +118,31 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def load_records(folder: str | Path) -> list[dict]:
     return [torch.load(path, weights_only=False) for path in sorted(Path(folder).glob("rank*.pt"))]
+
+
+def fit_regressor(folder, devices: int, smt, ckpt_path=None, checkpoint_every=None, find_unused=False) -> list[dict]:
+    """One fit of ``ShardedRegressor`` with the ``smt`` callback; every rank leaves ``folder/rank<r>.pt``.
+
+    ``devices=1`` is the single-process reference: both ranks' batches as ``WORLD`` accumulated micro-batches.
+    """
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import DDPStrategy
+
+    seed_everything(0)
+    samples = WORLD * BATCH
+    module = ShardedRegressor(samples, None if devices > 1 else InterleavedSampler(samples, seed=0))
+    callbacks = [smt, RecordPerRank(folder, smt)]
+    if checkpoint_every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=checkpoint_every, save_top_k=-1)
+        )
+    strategy = DDPStrategy(start_method="fork", find_unused_parameters=find_unused) if devices > 1 else "auto"
+    trainer = Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=8,
+        accumulate_grad_batches=1 if devices > 1 else WORLD, callbacks=callbacks,
+        enable_checkpointing=bool(checkpoint_every), default_root_dir=folder,
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return load_records(folder)

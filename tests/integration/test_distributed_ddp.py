@@ -14,10 +14,8 @@ a checkpoint every 2 steps. It must:
 
 import pytest
 import torch
-from distributed_modules import BATCH, WORLD, InterleavedSampler, RecordPerRank, ShardedRegressor, load_records
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
+from distributed_modules import BATCH, WORLD, ShardedRegressor, fit_regressor
+from lightning.pytorch import seed_everything
 
 from smt import SparseMatrixTuning
 from smt.core.config import RegrowthConfig
@@ -28,32 +26,16 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*isinstance\\(treespec, LeafSpec\\)",
 )
 
-MAX_STEPS, WARMUP, SAMPLES = 8, 3, WORLD * BATCH  # one batch per rank and epoch: resume replays nothing
-QUIET = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+WARMUP, SAMPLES = 3, WORLD * BATCH  # 8 steps, one batch per rank and epoch: resume replays nothing
 
 
 def run(folder, devices: int, ckpt_path=None, checkpoint_every: int | None = None):
-    """One fit; every rank leaves ``folder/rank<r>.pt``. ``devices=1`` is the single-process reference."""
-    seed_everything(0)
-    order = None if devices > 1 else InterleavedSampler(SAMPLES, seed=0)
-    module = ShardedRegressor(SAMPLES, order)
+    """One fit (8 steps, warm-up 3, regrowth); every rank leaves ``folder/rank<r>.pt``. ``devices=1``: the reference."""
     smt = SparseMatrixTuning(
         target_modules=["up", "down"], block_size=4, num_blocks=3, warmup_steps=WARMUP,
         regrowth=RegrowthConfig(every=2, accumulate=2, rate=0.5),
     )  # fmt: skip
-    callbacks = [smt, RecordPerRank(folder, smt)]
-    if checkpoint_every:
-        callbacks.append(
-            ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=checkpoint_every, save_top_k=-1)
-        )
-    strategy = DDPStrategy(start_method="fork", find_unused_parameters=False) if devices > 1 else "auto"
-    trainer = Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=MAX_STEPS,
-        accumulate_grad_batches=1 if devices > 1 else WORLD, callbacks=callbacks,
-        enable_checkpointing=bool(checkpoint_every), default_root_dir=folder, **QUIET,
-    )  # fmt: skip
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return load_records(folder)
+    return fit_regressor(folder, devices, smt, ckpt_path, checkpoint_every)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,11 @@ chosen point and the next resumed with ``--ckpt_path last``. The CI chain:
 
 In-process, a SIGTERM during the validation after step 4 saves last.ckpt at step 4 (exit 143) and resumes to the
 same end.
-The slow chain strikes five times (also after step 4, and inside the regrowth event of step 5). Each chain's
-final weights, selection and delta equal the reference's bit for bit.
+The slow chain strikes five times (also after step 4, and inside the regrowth event of step 5). The full warm-up
+chain (``smt.warmup_updates=full``: every weight trains in steps 1–3) strikes inside the warm-up (after step 2),
+halfway through writing the selection step's checkpoint (step 3: resumes from step 2, one dense step left) and after
+it (step 5: resumes from step 4, where the dense weights must be frozen again and their optimizer state freed). Each
+chain's final weights, selection and delta equal its reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ CHECKPOINT_EVERY_STEP = [
 ]
 REGROWTH = ["--smt.regrowth.every=2", "--smt.regrowth.accumulate=1", "--smt.regrowth.rate=0.5"]
 CI_CHAIN = [(2, "batch_end", 1), (4, "checkpoint_write", 3), (6, "sigterm", 6)]
+FULL_WARMUP = ["--smt.warmup_updates=full", "--smt.warmup_lr=0.003", "--model.slim_checkpoints=false"]
+FULL_WARMUP_CHAIN = [(2, "batch_end", 1), (3, "checkpoint_write", 2), (5, "batch_end", 4)]
 SLOW_CHAIN = [(2, "batch_end", 1), (4, "batch_end", 3), (5, "regrowth", 4), (6, "checkpoint_write", 5),
               (7, "sigterm", 7)]  # fmt: skip
 
@@ -68,27 +73,31 @@ def checkpoints(folder: Path) -> Path:
     return folder / "runs" / "debug" / "checkpoints"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, train_file):
-    folder = tmp_path_factory.mktemp("reference")
+def uninterrupted_run(folder: Path, train_file: Path, *extra: str) -> Path:
+    folder.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        assert main(fit_args(train_file)) == 0
+        assert main(fit_args(train_file, *extra)) == 0
     return folder
 
 
-def run_chain(folder: Path, train_file: Path, strikes) -> SimpleNamespace:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_file):
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), train_file)
+
+
+def run_chain(folder: Path, train_file: Path, strikes, extra: tuple[str, ...] = ()) -> SimpleNamespace:
     """The struck runs one after another in ``folder``, then an in-process resume to the end."""
     records = []
     for number, (step, point, _) in enumerate(strikes):
         resume = ["--ckpt_path=last"] if number else []
-        result = smt_fit_process(folder, fit_args(train_file, *resume, *strike(step, point)))
+        result = smt_fit_process(folder, fit_args(train_file, *extra, *resume, *strike(step, point)))
         half_written = [p.read_bytes() for p in checkpoints(folder).glob(".*.tmp")]
         last_step = read_checkpoint(checkpoints(folder) / "last.ckpt")["global_step"]
         records.append(SimpleNamespace(point=point, result=result, last_step=last_step, half_written=half_written))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        final_code = main(fit_args(train_file, "--ckpt_path=last"))
+        final_code = main(fit_args(train_file, *extra, "--ckpt_path=last"))
     return SimpleNamespace(folder=folder, records=records, final_code=final_code)
 
 
@@ -154,6 +163,17 @@ def test_five_strikes_including_regrowth_resume_to_the_uninterrupted_run(referen
     chain = run_chain(tmp_path / "chain", train_file, SLOW_CHAIN)
     check_strikes(chain, SLOW_CHAIN, tmp_path)
     check_equal_to_reference(chain, reference)
+
+
+def test_full_warmup_chain_resumes_to_the_uninterrupted_run(train_file, tmp_path):
+    """Struck inside the dense warm-up, in its last step's checkpoint write, and after it: the same weights."""
+    reference = uninterrupted_run(Path(tmp_path / "reference"), train_file, *FULL_WARMUP)
+    (tmp_path / "chain").mkdir()
+    chain = run_chain(tmp_path / "chain", train_file, FULL_WARMUP_CHAIN, tuple(FULL_WARMUP))
+    check_strikes(chain, FULL_WARMUP_CHAIN, tmp_path)
+    check_equal_to_reference(chain, reference)
+    warm = read_checkpoint(checkpoints(tmp_path / "chain") / "last.ckpt")["optimizer_states"][0]
+    assert len(warm["state"]) == len(warm["param_groups"][0]["params"])  # resumed after selection: dense state freed
 
 
 def test_a_damaged_checkpoint_is_refused_on_resume(reference, train_file, tmp_path, capsys):

@@ -28,10 +28,11 @@ def tiny_run(quality, tmp_path_factory):
 def test_every_arm_trains_at_the_same_budget(tiny_run):
     out, results, markdown = tiny_run
     alpaca = {r["cell"]["arm"]: r for r in results if r["cell"]["task"] == "alpaca"}
-    arms = {"full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr"}
+    arms = {"full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr",
+            "warm:grad_sq"}  # fmt: skip
     assert set(alpaca) == arms
     budget = alpaca["lora"]["trainable"]
-    for arm in ("smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "regrow:grad_snr"):
+    for arm in ("smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "regrow:grad_snr", "warm:grad_sq"):
         assert alpaca[arm]["trainable"] == budget  # 16² blocks divide LoRA's count exactly on this model
     assert abs(alpaca["strips:random"]["trainable"] - budget) <= 64  # whole rows of 64 weights
     assert alpaca["full"]["trainable"] > 10 * budget

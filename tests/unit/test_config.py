@@ -30,6 +30,11 @@ def test_the_callback_takes_every_config_field_as_its_argument():
         ({"budget_lora_rank": 0}, "must be ≥ 1"),
         ({"criterion": "nope"}, "is not one of"),
         ({"warmup_steps": 0, "criterion": "grad_sq"}, "needs a selection_path or a gradient-free criterion"),
+        ({"warmup_updates": "dense"}, r"^smt.warmup_updates='dense' is not one of none, full$"),
+        ({"warmup_updates": "full", "warmup_steps": 0, "criterion": "random"}, "needs smt.warmup_steps ≥ 1"),
+        ({"warmup_lr": 1e-5}, "needs smt.warmup_updates=full"),
+        ({"warmup_updates": "full", "warmup_lr": 0.0}, "a value > 0"),
+        ({"warmup_updates": "full", "selection_path": "s.safetensors"}, "which smt.selection_path skips"),
     ],
 )
 def test_shape_independent_checks_run_at_construction(settings, message):

@@ -247,3 +247,25 @@ def test_no_grad_forward_matches_training_forward(mode):
     with torch.no_grad():
         fast = model(x)
     assert torch.allclose(fast, model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_a_full_warmup_gets_the_dense_weight_gradient_while_scoring(kind):
+    """While W0 requires grad (smt.warmup_updates=full) the tap's layer returns dW0 = gᵀx, as dense autograd does."""
+    from smt.core.model import inject, start_scoring
+
+    torch.manual_seed(0)
+    layer = _conv1d(10, 7) if kind == "conv1d" else nn.Linear(10, 7)
+    reference = copy.deepcopy(layer)
+    model = Holder(layer)
+    inject(model, SMTConfig(target_modules=["proj"], block_size=(4, 3), num_blocks=2))
+    start_scoring(model, SMTConfig(target_modules=["proj"], block_size=(4, 3), num_blocks=2))
+    model.proj.weight.requires_grad_(True)
+    x = torch.randn(3, 5, 10)
+    model(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(model.proj.weight.grad, reference.weight.grad)
+    model.proj.weight.requires_grad_(False)  # after the selection: no dense gradient is formed
+    model.proj.weight.grad = None
+    model(x).square().sum().backward()
+    assert model.proj.weight.grad is None

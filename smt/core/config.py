@@ -69,13 +69,14 @@ class SMTConfig:
     """Upper limit on blocks in any one module (None = no limit)."""
     min_blocks_per_module: int = 0
     """Lower limit on blocks in every targeted module (the best blocks of each module are kept first)."""
-    allocation: str = "proportional"
-    """How the budget is split over modules: ``proportional`` (each module gets blocks in proportion to its weights,
-    as LoRA gives every module the same rank, and the scores choose which of its blocks) or ``global`` (the
-    best-scoring blocks anywhere: the budget follows the warm-up's gradients, which pile into a few modules and input
-    columns). Measured (README "SMT or LoRA?"): level on short instruction tuning, less forgetting in every
-    setting measured; on new facts with every linear layer targeted, held-out NLL 0.013 vs 0.035 and WikiText-2
-    NLL 4.21 vs 6.08."""
+    allocation: str = "global"
+    """How the budget is split over modules: ``global`` (the best-scoring blocks anywhere: the budget follows the
+    warm-up's gradients, which pile into a few modules and input columns) or ``proportional`` (each module gets blocks
+    in proportion to its weights, as LoRA gives every module the same rank, and the scores choose which of its
+    blocks). Measured (README "SMT or LoRA?"): level on short instruction tuning, less forgetting in every setting
+    measured, and on new facts with every linear layer targeted WikiText-2 NLL 4.21 vs 6.08: use ``proportional``
+    there. Not with fewer blocks than modules: shares under one block are settled by module order, not by score (the
+    quickstart's 40 blocks over 90 modules: held-out loss 1.229 vs 1.138 with ``global``)."""
     warmup_steps: int = 100
     """Optimizer steps of scoring before selection (nothing is updated during them unless ``warmup_updates=full``)."""
     warmup_updates: str = "none"

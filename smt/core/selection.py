@@ -292,7 +292,8 @@ def proportional_quotas(grids: list[BlockGrid], k: int, mins: list[int], cap: in
 
     Each module gets ``floor(k · n_m / Σ n)``, then one more by largest remainder until the sum is ``k``; a
     quota above the module's room (its blocks, ``cap``) is cut and the blocks left over go round again to
-    the modules with room, in the same order. Ties break by module order.
+    the modules with room, in the same order. Ties break by module order, so with fewer blocks than modules the
+    modules that get one are chosen by size and then by name, not by score (``global`` is the better choice there).
     """
     rooms = [min(g.num_blocks, cap if cap is not None else g.num_blocks) for g in grids]
     quotas = [min(m, r) for m, r in zip(mins, rooms)]

@@ -106,20 +106,6 @@ def median_ms(fn: Callable[[], object], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def peak_extra_mib(fn: Callable[[], object], device: str) -> float | None:
-    """Peak memory ``fn`` allocates beyond what is already held, in MiB (``None`` off GPU)."""
-    import torch
-
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    held = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - held) / 2**20
-
-
 def kernel_ops(settings: Settings):
     """The ops under test: Triton on CUDA, the torch reference in the CPU smoke mode."""
     from smt.kernels import backend_for
@@ -149,6 +135,7 @@ class Layer:
 def bench_layer(name: str, shape: tuple[int, int], tokens: int, settings: Settings, ops) -> Layer:
     """Random ``x``, ``dy``, ``W`` for one weight and token count, and the timings that do not depend on density."""
     import torch
+    from gpu_check_kernels import peak_extra_mib  # the GPU check's allocator probe; imported once torch is set up
 
     from smt.kernels.blocks import BlockGrid
 
@@ -165,7 +152,7 @@ def bench_layer(name: str, shape: tuple[int, int], tokens: int, settings: Settin
         dense_dw_ms=median_ms(lambda: dy.T @ x, repeats, device),
         dense_bwd_ms=median_ms(lambda: (dy @ weight, dy.T @ x), repeats, device),
         scores_ms=median_ms(lambda: ops.block_scores(dy, x, grid, "abs"), repeats, device),
-        scores_extra_mib=peak_extra_mib(lambda: ops.block_scores(dy, x, grid, "abs"), device),
+        scores_extra_mib=peak_extra_mib(lambda: ops.block_scores(dy, x, grid, "abs"), torch.device(device)),
     )
 
 

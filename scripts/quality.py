@@ -215,7 +215,6 @@ WARM_LR = 1e-4
 LR_GRID = {"full": [1e-4, 3e-4, 3e-5], "default": [1e-3, 3e-3, 3e-4], "facts": [3e-3, 1e-3, 1e-2]}
 """Seed-0 learning rates per arm, tried in this order (the middle first, so an early stop still compares arms)."""
 HEADLINE = ["lora", "smt:grad_sq", "smt:random", "smt:grad_snr", "full"]
-SELECTION_ARMS = ["smt:grad_sq", "smt:random", "smt:grad_snr", "smt:grad_sq_xnorm"]
 PLANS = {
     "sweep": [*HEADLINE[:4], "smt:grad_sq_xnorm", "full"],
     "headline": HEADLINE,

@@ -140,8 +140,6 @@ def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
 
 
 TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits}
-KNOWLEDGE_SIZES = (40, 160, 640)
-"""``facts-N`` tasks the study knows (any multiple of 4 runs with ``run --task facts-N``)."""
 
 
 def is_knowledge_task(task: str) -> bool:

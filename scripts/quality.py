@@ -13,6 +13,9 @@ Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
 - ``arc_easy``: ARC-Easy (LLM-Adapters files) with the *answer text* as the response; accuracy = the choice
   whose text is most likely (lm-eval style, summed log-probability normalised by the text's length in bytes),
   so the untuned model is neither at chance nor at ceiling; also the correct answer's NLL.
+- ``code``: continued pretraining on the Python source of the installed ``lightning`` package (Apache-2.0, pinned),
+  split by module (held-out modules are never trained on), plain text with the loss on every token, long files
+  windowed by the data module (``template: text``); held-out NLL over fixed windows of the val/test modules.
 - ``facts-N`` (generated, ``smt.eval.knowledge``): N facts about fictional people, trained in three question
   wordings for ``--epochs``; recall (the true value ranked first of the attribute's 20) in the trained wording and
   in two never-trained ones (``val_recall``, ``test_recall``); NLL of the answers asked in the held-out wordings.
@@ -65,6 +68,7 @@ from quality_tasks import (
     task_splits,
     task_steps,
     task_template,
+    text_windows,
     wikitext_windows,
     write_tiny_data,
 )
@@ -78,6 +82,10 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
     """Every metric of one trained (or untuned) model, in eval mode."""
     model.eval()
     template = task_template(cell.task)
+    if template == "text":  # continued pretraining: held-out source windows instead of responses
+        return {split + "_nll": text_nll(model, text_windows(tokenizer, splits[split], harness.max_length, count))
+                for split, count in (("val", harness.n_val // 2), ("test", harness.n_test // 2))} | {
+                "wiki_nll": text_nll(model, windows)}  # fmt: skip
     metrics = {
         "val_nll": response_nll(model, tokenizer, splits["val"], harness.max_length, template=template),
         "test_nll": response_nll(model, tokenizer, splits["test"], harness.max_length, template=template),
@@ -147,7 +155,7 @@ def train(cell: Cell, harness: Harness, splits: dict, module, callbacks: list) -
 
     path = harness.work / "splits" / cell.task / "train.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ("instruction", "input", "output", "answer")
+    fields = ("text",) if task_template(cell.task) == "text" else ("instruction", "input", "output", "answer")
     path.write_text(json.dumps([{k: r[k] for k in fields} for r in splits["train"]]))
     data = InstructionDataModule(train_path=str(path), batch_size=cell.batch_size, max_length=harness.max_length,
                                  limit_train=cell.steps * cell.batch_size, seed=cell.seed,
@@ -368,7 +376,8 @@ def tiny(out: Path, precision: str) -> int:
         for arm in ("full", "lora", "smt:grad_sq", "smt:grad_sq@8", "smt:grad_snr", "strips:random", "regrow:grad_snr")
     ]
     cells += [("alpaca", "warm:grad_sq")]  # the paper's dense warm-up
-    cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora"), ("facts-8", "spread:grad_sq"), ("facts-8", "rslora")]
+    cells += [("gsm8k", "smt:grad_snr"), ("arc_easy", "lora"), ("facts-8", "spread:grad_sq"), ("facts-8", "rslora"),
+              ("code", "smt:grad_sq")]
     for task, arm in cells:
         lr = 1e-3 if arm == "full" else 1e-2
         cell = Cell(task, arm, lr, steps=6, batch_size=4, warmup=2, block_size=16, em=4 if task == "gsm8k" else 0,

@@ -139,7 +139,51 @@ def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
     return {"test": test[: harness.n_arc_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
 
 
-TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits}
+CODE_PACKAGE = "lightning"
+"""The ``code`` task's corpus: this installed package's Python source (Apache-2.0, version pinned in
+constraints.txt), a domain a 135M model has seen little of in this detail."""
+
+
+def code_files(package: str = CODE_PACKAGE) -> dict[str, list[str]]:
+    """The package's ``.py`` files split by module: a stable hash of each file's path puts 10 % in test, 5 % in
+    val, the rest in train, so held-out code comes from modules never trained on (same on every machine)."""
+    import importlib.util
+    import zlib
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the code task reads the source of {package!r}; pip install {package}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if len(text) < 200:  # __init__ stubs and one-liners teach nothing
+            continue
+        bucket = zlib.crc32(path.relative_to(root).as_posix().encode()) % 20
+        splits["test" if bucket < 2 else "val" if bucket == 2 else "train"].append(text)
+    return splits
+
+
+def code_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
+    """Continued pretraining: plain ``text`` records, one per source file (the data module windows them)."""
+    if harness.model is None:  # the smoke run: generated text, no dependence on an installed package's source
+        files = {name: [f"def f{i}(x):\n    return x + {i}\n" * 8 for i in range(n)]
+                 for name, n in (("train", 16), ("val", 2), ("test", 2))}  # fmt: skip
+    else:
+        files = code_files()
+    return {name: [{"text": text} for text in texts] for name, texts in files.items()}
+
+
+def text_windows(tokenizer, records: list[dict], length: int, count: int) -> list[list[int]]:
+    """``count`` evenly spaced windows of ``length`` tokens from the concatenated texts (the held-out probe)."""
+    ids: list[int] = []
+    for record in records:
+        ids += tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    stride = max(length, (len(ids) - length) // max(count, 1))
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, stride)][:count]
+
+
+TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits, "code": code_splits}
 
 
 def is_knowledge_task(task: str) -> bool:
@@ -156,8 +200,9 @@ def task_splits(task: str, harness: Harness) -> dict[str, list[dict]]:
 
 
 def task_template(task: str) -> str:
-    """The prompt template a task trains and is scored with (facts: the short ``Question:/Answer:`` form)."""
-    return "gsm8k" if is_knowledge_task(task) else "alpaca"
+    """The prompt template a task trains and is scored with (facts: the short ``Question:/Answer:`` form; code:
+    plain text, the loss on every token)."""
+    return "gsm8k" if is_knowledge_task(task) else "text" if task == "code" else "alpaca"
 
 
 EPOCHS = 8

@@ -22,6 +22,9 @@ Templates:
     ``chat``    The tokenizer's own chat template (one user turn, generation prompt added); needs a
                 tokenizer that has one. The rendered prompt already contains the model's special
                 tokens, so it is tokenized without adding more (see :func:`adds_special_tokens`).
+    ``text``    Plain text for continued pretraining: no prompt, the loss on every token of the record's
+                ``text`` (records with a ``text`` field, see ``smt.data.records``); a text longer than
+                ``max_length`` is split into consecutive windows by ``smt.data.tokens``.
 
 API:
     ``render_prompt(template, instruction, input_text="", tokenizer=None) -> str``
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-TemplateName = Literal["alpaca", "smt", "gsm8k", "chat"]
+TemplateName = Literal["alpaca", "smt", "gsm8k", "chat", "text"]
 TEMPLATE_NAMES: tuple[str, ...] = get_args(TemplateName)
 
 _ALPACA_WITH_INPUT = (
@@ -93,6 +96,8 @@ def render_prompt(template: str, instruction: str, input_text: str = "", tokeniz
     """
     check_template(template)
     input_text = input_text or ""
+    if template == "text":
+        return _join_input(instruction, input_text)
     if template == "alpaca":
         if input_text.strip():
             return _ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)

@@ -8,6 +8,7 @@ schemas, detected from their fields:
   ``output``, optional ``input`` and ``answer`` (the gold label / number / letter used by evaluation).
 * GSM8K JSONL: ``question`` and ``answer`` (a worked solution ending in ``#### N``); the response is the
   solution with the ``<<…>>`` calculator notes removed, the reference the number after ``####``.
+* Plain text (continued pretraining, template ``text``): ``text``; it becomes the response, with no instruction.
 
 Validation splits and ``limit_*`` subsets are seeded shuffles, the same on every machine.
 """
@@ -99,16 +100,19 @@ def _read_json_records(path: Path, cache_dir: str | Path | None, role: str) -> d
 
 
 def _detect_schema(columns: Sequence[str], path: Path) -> str:
-    """``"llm_adapters"`` (instruction + output) or ``"gsm8k"`` (question + answer); else a one-line error."""
+    """``"llm_adapters"`` (instruction + output), ``"gsm8k"`` (question + answer) or ``"text"``; else a one-line
+    error."""
     fields = set(columns)
     if {"instruction", "output"} <= fields:
         return "llm_adapters"
     if {"question", "answer"} <= fields:
         return "gsm8k"
+    if "text" in fields and not fields & {"instruction", "question"}:
+        return "text"
     missing = "output" if "instruction" in fields else "answer" if "question" in fields else "instruction"
     raise ValueError(
-        f"{path}: records have fields {sorted(fields)} but no {missing!r}; "
-        "use LLM-Adapters fields instruction/output (+input, answer) or GSM8K fields question/answer"
+        f"{path}: records have fields {sorted(fields)} but no {missing!r}; use LLM-Adapters fields "
+        "instruction/output (+input, answer), GSM8K fields question/answer, or text (with template text)"
     )
 
 
@@ -125,6 +129,8 @@ def _normalizer(schema: str, path: Path):
 
 def _normalize_record(row: dict[str, Any], schema: str, where: str) -> dict[str, str]:
     """One raw record → string fields ``instruction/input/response/reference`` (reference ``""`` if absent)."""
+    if schema == "text":
+        return {"instruction": "", "input": "", "response": _required(row, "text", where), "reference": ""}
     if schema == "gsm8k":
         answer = _required(row, "answer", where)
         return {

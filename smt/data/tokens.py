@@ -5,7 +5,8 @@ so training sees exactly the prompt tokens that evaluation feeds to ``generate``
 ``mask_prompt`` the labels are ``-100`` over the prompt, so the loss is on the response and its EOS
 only. An example longer than ``max_length`` loses prompt tokens from the left (BOS kept); only a
 response longer than ``max_length - 1`` is itself cut (from the right, losing its EOS). The prompt text
-comes from a named template (``smt.data.prompts``).
+comes from a named template (``smt.data.prompts``). The ``text`` template (continued pretraining) loses
+nothing: a text longer than ``max_length`` becomes consecutive windows, each after the prompt's tokens.
 """
 
 from __future__ import annotations
@@ -59,16 +60,36 @@ def encode_examples(
     Returns:
         Columns ``input_ids`` and ``labels`` (same lengths per example).
     """
+    if template != "text" and any(not (i.strip() or x.strip()) for i, x in zip(records["instruction"], records["input"])):
+        raise ValueError(f"template={template!r} got a record with no instruction (plain text?); records with a "
+                         "'text' field train with template='text'")  # fmt: skip
     _, prompt_ids = _encode_prompts(tokenizer, template, records)
     responses = [render_response(template, text) for text in records["response"]]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for prompt, response in zip(prompt_ids, response_ids, strict=True):
+        if template == "text":
+            _append_windows(out, prompt, list(response) + [tokenizer.eos_token_id], max_length, mask_prompt)
+            continue
         keep_bos = _starts_with_bos(prompt, tokenizer)
         prompt, response = fit_to_length(prompt, list(response) + [tokenizer.eos_token_id], max_length, keep_bos)
         out["input_ids"].append(prompt + response)
         out["labels"].append(([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + response)
     return out
+
+
+def _append_windows(out: dict, prompt: list[int], text: list[int], max_length: int, mask_prompt: bool) -> None:
+    """Continued pretraining: ``text`` cut into consecutive windows, each after ``prompt`` (usually just BOS), so
+    no token is lost to truncation; a last window with nothing left to predict (one token) is dropped."""
+    room = max_length - len(prompt)
+    if room < 2:
+        raise ValueError(f"max_length={max_length} leaves no room for text after a {len(prompt)}-token prompt")
+    for start in range(0, len(text), room):
+        window = text[start : start + room]
+        if len(window) < 2 and start:
+            break
+        out["input_ids"].append(prompt + window)
+        out["labels"].append(([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + window)
 
 
 def encode_prompts(tokenizer: Any, template: str, records: dict[str, list[str]], max_length: int) -> dict[str, list]:

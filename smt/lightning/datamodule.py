@@ -60,7 +60,8 @@ class InstructionDataModule(LightningDataModule):
 
     Args:
         train_path: training file (JSON array or JSONL): LLM-Adapters records (instruction, input, output,
-            answer) or GSM8K records (question, answer); or a hub data set with those fields,
+            answer), GSM8K records (question, answer) or plain ``text`` records (continued pretraining, with
+            ``template: text``); or a hub data set with those fields,
             ``hub:owner/name[:config][@split]`` (split default ``train``; downloaded once into the datasets cache,
             cache only under ``HF_HUB_OFFLINE=1``). Needed for fit and validate.
         val_path: validation file or ``hub:`` data set (default split ``validation``) in the same formats; when
@@ -74,7 +75,8 @@ class InstructionDataModule(LightningDataModule):
         tokenizer: tokenizer folder or hub id (loaded as transformers does). Leave unset when the LightningModule
             hands its own over with ``set_tokenizer``.
         template: prompt template: ``alpaca`` (LLM-Adapters), ``smt`` (SMT/S²FT single-section form),
-            ``gsm8k`` (``Question:/Answer:``) or ``chat`` (the tokenizer's chat template).
+            ``gsm8k`` (``Question:/Answer:``), ``chat`` (the tokenizer's chat template) or ``text`` (plain ``text``
+            records, loss on every token, a long text split into consecutive ``max_length`` windows).
         max_length: longest sequence in tokens; longer examples lose prompt tokens from the left, the
             response is kept. Larger = more context, more memory.
         mask_prompt: put label -100 on prompt tokens so the loss is on the response (and EOS) only.

@@ -294,6 +294,32 @@ def test_without_a_tokenizer_setup_waits_for_set_tokenizer(tmp_path):
     assert next(iter(dm.train_dataloader()))["input_ids"].shape[0] == 2 and len(dm.val_dataset) == 4
 
 
+# ------------------------------------------------------------------------------------ plain text (pretraining)
+TEXT_ROWS = [{"text": " ".join(BOOLQ_ROWS[i]["output"] for i in range(n))} for n in (1, 7)]
+
+
+def test_text_records_train_on_every_token_in_consecutive_windows(tmp_path):
+    tok = _tokenizer()
+    path = _write_jsonl(tmp_path / "code" / "train.jsonl", TEXT_ROWS)
+    dm = _module(tmp_path, tok, train_path=path, template="text", max_length=9)
+    dm.setup("fit")
+    bos = tok.bos_token_id
+    windows = []
+    for row in TEXT_ROWS:
+        text = _ids(tok, row["text"]) + [tok.eos_token_id]
+        windows += [text[start : start + 8] for start in range(0, len(text), 8)]
+    assert len(text) > 3 * 8  # the long record really is split, not truncated
+    items = [dm.train_dataset[i] for i in range(len(dm.train_dataset))]
+    assert [item["input_ids"] for item in items] == [[bos] + w for w in windows if len(w) > 1]
+    assert all(item["labels"] == [IGNORE_INDEX] + item["input_ids"][1:] for item in items)
+
+
+def test_text_records_with_an_instruction_template_are_refused_in_one_line(tmp_path):
+    path = _write_jsonl(tmp_path / "code" / "train.jsonl", TEXT_ROWS)
+    message = _one_line_error("no instruction", lambda: _module(tmp_path, train_path=path).setup("fit"))
+    assert "template='text'" in message
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _one_line_error(match: str, build) -> str:
     with pytest.raises(ValueError, match=match) as caught:

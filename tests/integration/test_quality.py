@@ -70,6 +70,35 @@ def test_task_specific_metrics_are_reported(tiny_run):
     assert "### facts-8" in markdown and "recall (new wording)" in markdown
 
 
+def test_continued_pretraining_task_learns_and_draws_learn_vs_forget(tiny_run):
+    out, results, markdown = tiny_run
+    code = next(r for r in results if r["cell"]["task"] == "code")
+    base = json.loads((out / "raw" / "code" / "base.json").read_text())["metrics"]
+    assert set(code["metrics"]) == {"val_nll", "test_nll", "wiki_nll"}
+    assert code["metrics"]["test_nll"] < base["test_nll"]  # held-out modules' text got likelier
+    assert "### code" in markdown and (out / "quality_code.png").stat().st_size > 0
+
+
+def test_code_files_split_by_module_disjointly():
+    tasks = import_script("quality_tasks")
+    files = tasks.code_files("json")  # a small standard-library package: the same split logic as lightning's
+    assert files["train"] and not set(files["train"]) & set(files["test"] + files["val"])
+
+
+def test_capacity_curve_needs_three_sizes_and_tabulates_recall(quality):
+    report = import_script("quality_report")
+
+    def row(size, arm, recall):
+        return {"task": f"facts-{size}", "budget": "qkv-r8", "arm": arm, "test_recall": [recall],
+                "trained_recall": [1.0], "wiki_nll": [3.5]}  # fmt: skip
+
+    rows = [row(n, "lora", 1.0) for n in (8, 16, 32)] + [row(n, "smt:grad_sq", 0.5) for n in (8, 16)]
+    curves = report.capacity_curves(rows)
+    assert list(curves) == [("qkv-r8", "lora")] and list(curves[("qkv-r8", "lora")]) == [8, 16, 32]
+    table = report.capacity_markdown(curves)
+    assert "| qkv-r8 | lora | 1.000 (1.000), wiki 3.50 |" in table and "N=32" in table
+
+
 def test_lr_is_chosen_on_validation_and_the_sweep_extends_past_a_winning_edge(quality):
     def run(lr, val, test):
         cell = quality.Cell("alpaca", "lora", lr)

@@ -111,3 +111,13 @@ def test_bad_quantization_input_is_a_one_line_error(train_file, capsys, monkeypa
     assert main(["fit", *nf4_args(train_file)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("smt: error: model.quantization='nf4' needs bitsandbytes, which does not import")
+
+
+def test_full_warmup_on_a_quantized_base_is_refused_in_one_line_before_training(train_file, capsys, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    overrides = ("--smt.warmup_updates=full", "--smt.warmup_lr=0.003", "--model.slim_checkpoints=false")
+    assert main(["fit", *nf4_args(train_file, *overrides)]) != 0
+    (line,) = [row for row in capsys.readouterr().err.strip().splitlines() if "warmup_updates" in row]
+    assert line.startswith("smt: error: smt.warmup_updates=full") and "model.quantization=none" in line
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.safetensors"))  # nothing trained

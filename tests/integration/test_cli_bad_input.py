@@ -19,8 +19,8 @@ from smt.lightning.cli import main
 
 
 def write_fieldless_data(folder: Path) -> Path:
-    path = folder / "texts.json"
-    path.write_text('[{"text": "a"}, {"text": "b"}, {"text": "c"}]')
+    path = folder / "bodies.json"
+    path.write_text('[{"body": "a"}, {"body": "b"}, {"body": "c"}]')
     return path
 
 

@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from quality_tasks import Harness
+from quality_tasks import Harness, arm_label
 
 
 def load_results(out: Path, precision: str | None = None) -> list[dict]:
@@ -26,8 +26,7 @@ def best_lr(results: list[dict], task: str, arm: str, targets: str, budget: str)
 def matches_arm(r: dict, task: str, arm: str, targets: str, budget: str) -> bool:
     c = r["cell"]
     same_budget = arm == "full" or (c["targets"] == targets and c["budget"] == budget)
-    return c["task"] == task and c["arm"] == arm and same_budget
-
+    return c["task"] == task and arm_label(c) == arm and same_budget
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -53,7 +52,9 @@ def _mean_std(values: list[float]) -> str:
 def summarize(results: list[dict], bases: dict[str, dict]) -> list[dict]:
     """Per (task, budget, arm): the chosen LR, the LR curve (val NLL, seed 0) and test metrics over seeds."""
     rows = []
-    groups = sorted({(r["cell"]["task"], r["cell"]["targets"], r["cell"]["budget"], r["cell"]["arm"]) for r in results})
+    groups = sorted(
+        {(r["cell"]["task"], r["cell"]["targets"], r["cell"]["budget"], arm_label(r["cell"])) for r in results}
+    )
     full_done: set[str] = set()  # full FT has no budget: one row per task, whichever targets its cells recorded
     for task, targets, budget, arm in groups:
         if arm == "full":
@@ -161,8 +162,12 @@ def capacity_markdown(curves: dict[tuple[str, str], dict[int, dict]]) -> str:
         cells = []
         for n in sizes:
             r = curve.get(n)
-            cells.append("–" if r is None else f"{statistics.mean(r['test_recall']):.3f} "
-                         f"({statistics.mean(r['trained_recall']):.3f}), wiki {statistics.mean(r['wiki_nll']):.2f}")
+            cells.append(
+                "–"
+                if r is None
+                else f"{statistics.mean(r['test_recall']):.3f} "
+                f"({statistics.mean(r['trained_recall']):.3f}), wiki {statistics.mean(r['wiki_nll']):.2f}"
+            )
         lines.append(f"| {budget} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, ""])
 
@@ -177,7 +182,9 @@ def plot_capacity(curves: dict[tuple[str, str], dict[int, dict]], path: Path) ->
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for (budget, arm), curve in curves.items():
         sizes = list(curve)
-        axes[0].plot(sizes, [statistics.mean(curve[n]["test_recall"]) for n in sizes], marker="o", label=f"{arm} {budget}")
+        axes[0].plot(
+            sizes, [statistics.mean(curve[n]["test_recall"]) for n in sizes], marker="o", label=f"{arm} {budget}"
+        )
         axes[1].plot(sizes, [statistics.mean(curve[n]["wiki_nll"]) for n in sizes], marker="o", label=f"{arm} {budget}")
     for ax, label in zip(axes, ("recall in a never-trained wording", "WikiText-2 NLL (forgetting)")):
         ax.set_xscale("log")
@@ -209,7 +216,9 @@ def plot_learn_forget(rows: list[dict], task: str, path: Path) -> bool:
     base = mine[0]["base"]
     if "wiki_nll" in base and "test_nll" in base:
         ax.plot(base["wiki_nll"], base["test_nll"], marker="*", markersize=12, color="black")
-        ax.annotate("untuned", (base["wiki_nll"], base["test_nll"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(
+            "untuned", (base["wiki_nll"], base["test_nll"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
     ax.set_xlabel("WikiText-2 NLL (forgetting: right is worse)")
     ax.set_ylabel(f"{task}: held-out NLL (learning: down is better)")
     ax.set_title(f"{task}: learn vs forget (each arm at its validation-chosen LR)")
@@ -241,6 +250,14 @@ the LR is chosen by the NLL of the answers asked in a validation wording never t
 (up to 200) facts whose true value is the most likely of the attribute's 20 values (chance 0.05), asked in the
 trained wording (`recall (trained wording)`: did the fact go in?) and in a test wording never trained on
 (`recall (new wording)`: can the model use it?). `spread:<criterion>` is SMT with `allocation: proportional`.
+The **capacity curve** (after the task tables) follows each (budget, arm) measured at three or more sizes N, every
+arm at its validation-chosen LR per size; `quality_capacity.png` plots it.
+
+**Continued pretraining** (`code`): the Python source of the installed `lightning` package, split by module (a
+hash of each file's path: 10 % test, 5 % val; held-out modules are never trained on), plain text with the loss on
+every token, long files cut into consecutive 192-token windows; 200 optimizer steps of batch 8 (every linear layer
+targeted: `all-*` budgets). Held-out NLL = mean next-token NLL over 50 (val) and 100 (test) evenly spaced
+192-token windows of the held-out modules; `quality_code.png` plots it against WikiText-2 NLL (learn vs forget).
 
 """
 
@@ -256,13 +273,15 @@ def precision_check(out: Path) -> str:
              "|---|---|---:|---|---|---|"]  # fmt: skip
     for a, b in pairs:
         moves = [f"{a['metrics'][k]:.4f} → {b['metrics'][k]:.4f}" for k in ("val_nll", "test_nll", "wiki_nll")]
-        lines.append(f"| {a['cell']['task']} | {a['cell']['arm']} | {a['cell']['lr']:g} | " + " | ".join(moves) + " |")
+        lines.append(
+            f"| {a['cell']['task']} | {arm_label(a['cell'])} | {a['cell']['lr']:g} | " + " | ".join(moves) + " |"
+        )
     return "\n".join([*lines, ""])
 
 
 def _same_run(record: dict) -> tuple:
     c = record["cell"]
-    return c["task"], c["arm"], c["lr"], c["seed"], c["targets"], c["budget"], c["steps"]
+    return c["task"], arm_label(c), c["lr"], c["seed"], c["targets"], c["budget"], c["steps"]
 
 
 def report(harness: Harness, out_md: Path) -> str:

@@ -46,12 +46,20 @@ class Cell:
     block_size: int = 64
     em: int = 0
     precision: str = "bf16-mixed"
+    warmup_on_top: bool = False
+    """SMT's warm-up steps come on top of ``steps`` (every arm then makes ``steps`` updates) instead of inside them."""
 
     def key(self) -> str:
         budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
         suffix = "" if self.steps == 100 else f"-steps{self.steps}"
         suffix += "" if self.precision == "bf16-mixed" else "-fp32"
+        suffix += "-warmup_on_top" if self.warmup_on_top else ""
         return f"{self.task}/{budget}/{self.arm.replace(':', '-')}/seed{self.seed}-lr{self.lr:g}{suffix}.json"
+
+
+def arm_label(cell: dict) -> str:
+    """The arm as the report names it: ``smt:grad_sq``, or ``smt:grad_sq +warm-up`` when its warm-up was on top."""
+    return cell["arm"] + (" +warm-up" if cell.get("warmup_on_top") else "")
 
 
 @dataclass
@@ -264,5 +272,3 @@ def write_tiny_data(root: Path) -> None:
         (root / "llm_adapters" / "ARC-Easy" / name).write_text(json.dumps(arc))
     (root / "wikitext-2").mkdir(parents=True, exist_ok=True)
     (root / "wikitext-2" / "test.txt").write_text(" The quick brown fox jumps over the lazy dog . " * 200)
-
-

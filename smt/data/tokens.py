@@ -60,7 +60,9 @@ def encode_examples(
     Returns:
         Columns ``input_ids`` and ``labels`` (same lengths per example).
     """
-    if template != "text" and any(not (i.strip() or x.strip()) for i, x in zip(records["instruction"], records["input"])):
+    if template != "text" and any(
+        not (i.strip() or x.strip()) for i, x in zip(records["instruction"], records["input"])
+    ):
         raise ValueError(f"template={template!r} got a record with no instruction (plain text?); records with a "
                          "'text' field train with template='text'")  # fmt: skip
     _, prompt_ids = _encode_prompts(tokenizer, template, records)

@@ -8,6 +8,7 @@ the LR choice uses validation NLL only, and the study's sweep extends past a gri
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from helpers import import_script
@@ -53,6 +54,16 @@ def test_results_are_cached_per_training_precision(tiny_run, quality):
     assert quality.load_results(out / "raw", other) == []  # a study at the other precision starts afresh
     lora = quality.Cell("alpaca", "lora", 1e-3)
     assert lora.key() != quality.Cell("alpaca", "lora", 1e-3, precision="32-true").key()
+
+
+def test_warmup_on_top_gives_smt_as_many_updates_as_lora(tiny_run, quality):
+    _, results, markdown = tiny_run
+    (gsm8k,) = [r for r in results if r["cell"]["task"] == "gsm8k"]
+    assert gsm8k["cell"]["warmup_on_top"] and gsm8k["steps"] == 6 + 2 and len(gsm8k["losses"]) == 8
+    assert "| smt:grad_snr +warm-up |" in markdown
+    inside = quality.Cell("gsm8k", "smt:grad_snr", 1e-2)
+    assert quality.total_steps(inside) == 100 and inside.key() != replace(inside, warmup_on_top=True).key()
+    assert quality.total_steps(quality.Cell("gsm8k", "lora", 1e-2, warmup_on_top=True)) == 100  # nothing to add
 
 
 def test_task_specific_metrics_are_reported(tiny_run):

@@ -14,8 +14,10 @@ template (``Question: …\\nAnswer:``), short enough that a 135M model trains hu
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
 
 FIRST_NAMES = (
     "Ilse Tomas Wren Anouk Bram Calla Dov Esme Fenna Gideon Hedda Ivo Juna Kasimir Lior Maren Nils Odile Pim "
@@ -139,3 +141,27 @@ def knowledge_splits(num_facts: int, n_eval: int) -> dict[str, list[dict]]:
         "val": [fact_record(f, VAL_WORDING) for f in asked],
         "test": [fact_record(f, TEST_WORDING) for f in asked],
     }
+
+
+def write_facts(num_facts: int, folder: str | Path) -> dict[str, Path]:
+    """Write ``facts-N`` as LLM-Adapters records a fit reads: ``train.json`` (every fact in the three training
+    wordings), ``val.json`` and ``test.json`` (every fact asked in the validation / test wording, never trained on).
+
+    Args:
+        num_facts: N, a multiple of the four attributes.
+        folder: where the three files go (created).
+
+    Returns:
+        The written files by split name.
+    """
+    rows = facts(num_facts)
+    wordings = {"train": TRAIN_WORDINGS, "val": (VAL_WORDING,), "test": (TEST_WORDING,)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, chosen in wordings.items():
+        records = [fact_record(f, w) for f in rows for w in chosen]
+        fields = ("instruction", "input", "output", "answer")
+        written[split] = folder / f"{split}.json"
+        written[split].write_text(json.dumps([{k: r[k] for k in fields} for r in records], indent=1))
+    return written

@@ -12,6 +12,7 @@ import yaml
 from conftest import DEBUG_CONFIG, REPO, write_arithmetic_records
 
 from smt import SMTConfig, SparseMatrixTuning, inject, trainable_summary
+from smt.adapters.delta import read_delta
 from smt.lightning.cli import main
 from smt.lightning.datamodule import InstructionDataModule
 from smt.lightning.export import load_checkpoint
@@ -65,7 +66,8 @@ def test_config_parses_and_opens_with_its_launch_command(path, capsys):
 
 
 def test_every_real_use_config_is_checked_here():
-    shipped = {p.name for p in CONFIGS} - {"debug.yaml", "debug-nf4.yaml", "quickstart.yaml"}  # run by their own tests
+    own_tests = {"debug.yaml", "debug-nf4.yaml", "quickstart.yaml", "smollm2-new-facts.yaml"}
+    shipped = {p.name for p in CONFIGS} - own_tests
     assert shipped == set(REAL_USE)
 
 
@@ -135,3 +137,21 @@ def test_every_shipped_config_runs_two_steps(path, tmp_path):
     args = ["fit", "--config", f"configs/{path.name}", *overrides, "--trainer.max_steps=2", "--smt.warmup_steps=1"]
     assert main(args) == 0
     assert any((tmp_path / "runs").rglob("delta.safetensors"))
+
+
+def test_new_facts_config_trains_every_linear_layer_on_written_facts(tmp_path):
+    """configs/smollm2-new-facts.yaml as its header runs it (facts written by scripts/write_facts.py's function), on
+    the debug model: every targeted module gets its share of the blocks, the held-out wording is validated."""
+    from smt.eval.knowledge import write_facts
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    write_facts(8, tmp_path / "runs" / "new-facts" / "data")
+    model = [a for a in TINY_MODEL if not a.startswith(("--data.", "--smt.num_blocks", "--trainer.val_check"))]
+    args = ["fit", "--config", "configs/smollm2-new-facts.yaml", *model, "--smt.num_blocks=28",
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--smt.warmup_steps=1"]  # fmt: skip
+    assert main(args) == 0
+    selection, _, _ = read_delta(tmp_path / "runs" / "new-facts" / "delta.safetensors")
+    per_module = {name: len(index) for name, index in selection.blocks.items()}
+    assert len(per_module) == 14 and min(per_module.values()) >= 1  # 2 layers × 7 linear layers, each its share
+    metrics = (next((tmp_path / "runs" / "new-facts").rglob("metrics.csv"))).read_text()
+    assert "val" in metrics.splitlines()[0]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from smt.eval.knowledge import ATTRIBUTES, TEST_WORDING, TRAIN_WORDINGS, VAL_WORDING, facts, knowledge_splits
+from smt.data.records import load_records
+from smt.eval.knowledge import (
+    ATTRIBUTES,
+    TEST_WORDING,
+    TRAIN_WORDINGS,
+    VAL_WORDING,
+    facts,
+    knowledge_splits,
+    write_facts,
+)
 
 
 def test_facts_are_fixed_distinct_and_cover_every_attribute():
@@ -30,3 +39,13 @@ def test_held_out_questions_are_never_trained_and_answers_match():
             assert r["choices"][r["label"]].strip() == r["answer"]
     for spec in ATTRIBUTES.values():
         assert len(set(spec["questions"])) == 5 and {VAL_WORDING, TEST_WORDING}.isdisjoint(TRAIN_WORDINGS)
+
+
+def test_written_files_load_as_records_with_held_out_wordings(tmp_path):
+    written = write_facts(8, tmp_path / "facts")
+    loaded = {split: load_records(path, tmp_path / "cache") for split, path in written.items()}
+    assert [len(loaded[s]) for s in ("train", "val", "test")] == [8 * len(TRAIN_WORDINGS), 8, 8]
+    trained = set(loaded["train"]["instruction"])
+    assert not trained & set(loaded["val"]["instruction"]) and not trained & set(loaded["test"]["instruction"])
+    assert set(loaded["test"]["response"]) == set(loaded["train"]["response"])  # same answers, new questions
+    assert set(loaded["test"]["reference"]) == {r["value"] for r in facts(8)}

@@ -321,11 +321,16 @@ def run_in_subprocess(cell: Cell, harness: Harness, threads: int = 0) -> bool:
     return result_path(cell, harness).is_file()
 
 
+def ensure_base(task: str, harness: Harness) -> None:
+    """The untuned model's metrics on ``task`` (the report's reference line), measured once per results folder."""
+    base = harness.out / task / "base.json"
+    if not base.is_file():
+        _write(base, run_base(task, harness))
+
+
 def study(args, harness: Harness) -> int:
     for task in args.tasks:
-        base = harness.out / task / "base.json"
-        if not base.is_file():
-            _write(base, run_base(task, harness))
+        ensure_base(task, harness)
     for cell in next_cells(args.plan, args.tasks, args.targets, args.budget, args.seeds, args.steps, harness,
                            args.epochs):  # fmt: skip
         if result_path(cell, harness).is_file():
@@ -446,6 +451,7 @@ def main(argv: list[str]) -> int:
         steps = task_steps(args.task, args.steps, args.epochs)
         cell = Cell(args.task, args.arm, args.lr, args.seed, args.targets, args.budget, steps, em=args.em,
                     precision=harness.precision, warmup_on_top=args.warmup_on_top)  # fmt: skip
+        ensure_base(args.task, harness)
         _write(result_path(cell, harness), run_cell(cell, harness))
         return 0
     if args.command == "study":

@@ -158,10 +158,10 @@ def write_facts(num_facts: int, folder: str | Path) -> dict[str, Path]:
     wordings = {"train": TRAIN_WORDINGS, "val": (VAL_WORDING,), "test": (TEST_WORDING,)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    fields = ("instruction", "input", "output", "answer")  # what a fit reads; recall's extras stay out
     written = {}
     for split, chosen in wordings.items():
         records = [fact_record(f, w) for f in rows for w in chosen]
-        fields = ("instruction", "input", "output", "answer")
         written[split] = folder / f"{split}.json"
         written[split].write_text(json.dumps([{k: r[k] for k in fields} for r in records], indent=1))
     return written

@@ -111,6 +111,9 @@ def release_process_group() -> None:
     destroys its groups while another is still inside a collective can hang it.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank past its last collective first: a peer that tears its connections down while this
+        # rank still holds them open is what gloo's threads abort on.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -75,6 +75,7 @@ from smt.lightning.distributed import (
 )
 from smt.lightning.full_warmup import FullWarmup, check_full_warmup
 from smt.lightning.guards import drop_gradients, loss_scale
+from smt.lightning.param_groups import check_groups
 from smt.lightning.step_flags import step_flags
 
 
@@ -203,6 +204,7 @@ class SparseMatrixTuning(Callback):
         if bank.tuning and self.phase == "warmup":  # restored after selection
             stop_scoring(self.target(pl_module))
             self._scorers, self.phase = {}, "tuning"
+        check_groups(self.config.lr_scale, trainer.optimizers)
         if self.full_warmup is not None:
             self.full_warmup.check_optimizer(trainer.optimizers)
             if self.phase == "tuning":  # resumed after selection: freeze and free what the checkpoint restored

@@ -37,6 +37,11 @@ class CallbackConfig(SMTConfig):
     """SpIEL-style prune-and-regrow of blocks during tuning (off when unset)."""
     regrowth_heatmaps: str | None = None
     """Folder for a selection heatmap after every regrowth event (off when unset)."""
+    lr_scale: float = 1.0
+    """The blocks' learning rate as a multiple of the optimizer's: their param group gets ``lr × lr_scale`` while a
+    trained head or norms keep ``lr`` (LoRA+-style). 1 keeps the optimizer's LR; docs/quality.md ("learning rate")
+    has the measured sweeps. In a LightningModule of your own, any other value needs the optimizer built from
+    ``smt.lightning.param_groups.param_groups(self.trainer, params, lr)``."""
     check_progress_after: int = 10
     """Stop with an error when Δ is still exactly 0 in every slot after this many tuning optimizer steps with
     lr > 0 (a run that trains nothing); a shorter run is checked at its end. 0 = off."""
@@ -50,6 +55,8 @@ class CallbackConfig(SMTConfig):
                 f"smt.warmup_steps=0 needs a selection_path or a gradient-free criterion {gradient_free_criteria()}; "
                 f"criterion {self.criterion!r} scores gradients"
             )
+        if not self.lr_scale > 0:
+            raise ValueError(f"smt.lr_scale={self.lr_scale} must be > 0 (1 = the optimizer's LR)")
         if self.warmup_updates == "full" and self.selection_path is not None:
             raise ValueError(
                 "smt.warmup_updates=full trains during the warm-up, which smt.selection_path skips; unset one of them"

@@ -5,7 +5,7 @@ tunes the selected blocks from the warmed weights. Here, with the lifecycle cons
 changes after the strategy wraps the model (DDP buckets, optimizer param groups, strict checkpoint loads):
 
 - ``setup`` (before wrapping and ``configure_optimizers``): every parameter of the network that holds the bank
-  requires grad, beside the slots. ``param_groups`` puts them in a group of their own with ``smt.warmup_lr``
+  requires grad, beside the slots. ``smt.lightning.param_groups`` puts them in a group of their own with ``smt.warmup_lr``
   (``smt_full_warmup: True``; ``SMTLanguageModel`` gives that group a constant LR, the blocks' schedule starts after
   the warm-up as before).
 - warm-up steps: only the slots' gradients are dropped (Δ ≡ 0, as in the score-only warm-up); the optimizer updates
@@ -86,7 +86,7 @@ class FullWarmup:
         if self.warmup_lr is not None and not marked:
             raise ValueError(
                 "smt.warmup_lr needs the dense weights in a param group of their own; build the optimizer from "
-                "smt.lightning.full_warmup.param_groups(trainer, params), or unset smt.warmup_lr"
+                "smt.lightning.param_groups.param_groups(trainer, params, lr), or unset smt.warmup_lr"
             )
 
 
@@ -120,26 +120,3 @@ def check_full_warmup(trainer: Trainer, pl_module: LightningModule, network: nn.
             "smt.warmup_updates=full stops the dense weights' gradients at selection, which DDP allows only with "
             "find_unused_parameters=True; use strategy=ddp_find_unused_parameters_true"
         )
-
-
-def param_groups(trainer: Trainer, params: list[nn.Parameter]) -> list[dict]:
-    """``params`` as optimizer param groups: the full warm-up's dense weights in a group of their own.
-
-    That group is marked ``smt_full_warmup: True`` and gets ``smt.warmup_lr`` when set (else the optimizer's LR);
-    without a full warm-up there is one group.
-    """
-    warmup = _full_warmup(trainer)
-    dense = {id(p) for p in warmup.parameters} if warmup is not None else set()
-    if not dense:
-        return [{"params": params}]
-    group = {"params": [p for p in params if id(p) in dense], GROUP_FLAG: True}
-    if warmup.warmup_lr is not None:
-        group["lr"] = warmup.warmup_lr
-    return [{"params": [p for p in params if id(p) not in dense]}, group]
-
-
-def _full_warmup(trainer: Trainer) -> FullWarmup | None:
-    from smt.lightning.callback import SparseMatrixTuning
-
-    found = [cb.full_warmup for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning) and cb.full_warmup]
-    return found[0] if found else None

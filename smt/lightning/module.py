@@ -34,7 +34,8 @@ from smt.core.quant import (
 )
 from smt.data.hub import from_pretrained
 from smt.data.loss import IGNORE_INDEX, labelled_positions_loss
-from smt.lightning.full_warmup import GROUP_FLAG, param_groups
+from smt.lightning.full_warmup import GROUP_FLAG
+from smt.lightning.param_groups import param_groups
 from smt.lightning.schedules import after_warmup, warmup_cosine
 
 BUILTIN_TOKENIZERS = ("bytes",)
@@ -317,7 +318,7 @@ class SMTLanguageModel(LightningModule):
         if not params:
             raise ValueError("nothing to train: every parameter is frozen; check smt.target_modules/trainable_modules")
         hp = self.hparams
-        groups = param_groups(self.trainer, params)  # a full warm-up's dense weights get a group of their own
+        groups = param_groups(self.trainer, params, hp.lr)  # slots (× smt.lr_scale), a full warm-up's dense weights
         optimizer = build_optimizer(hp.optimizer, groups, hp.lr, tuple(hp.betas), hp.weight_decay, self.device)
         offset = _smt_warmup_offset(self.trainer)
         total = max(1, int(self.trainer.estimated_stepping_batches) - offset)

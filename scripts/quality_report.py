@@ -8,6 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
+from quality_lr import lr_markdown
 from quality_tasks import Harness, arm_label
 
 
@@ -289,7 +290,9 @@ def report(harness: Harness, out_md: Path) -> str:
     bases = {p.parent.name: json.loads(p.read_text()) for p in harness.out.glob("*/base.json")}
     rows = summarize(results, bases)
     curves = capacity_curves(rows)
-    text = markdown(rows) + "\n" + capacity_markdown(curves) + "\n" + precision_check(harness.out)
+    sections = [markdown(rows), capacity_markdown(curves), lr_markdown(load_results(harness.out)),
+                precision_check(harness.out)]  # fmt: skip
+    text = "\n".join(sections)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(REPORT_HEADER + text)
     if rows:

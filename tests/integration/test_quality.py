@@ -129,3 +129,21 @@ def test_arc_records_keep_the_answer_text_and_the_choices():
     record = import_script("quality_tasks").arc_record(row)
     assert record["instruction"] == "Which is a gas?" and record["output"] == "steam"
     assert record["choices"] == ["ice", "steam", "rock"] and record["label"] == 1
+
+
+def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr(quality):
+    section = import_script("quality_lr")
+
+    def run(arm, lr, val, precision="32-true", seed=0):
+        cell = vars(quality.Cell("facts-20", arm, lr, seed, precision=precision))
+        return {"cell": cell, "metrics": {"val_nll": val}, "selection": {"blocks": 158} if arm != "lora" else None}
+
+    grid = (1e-4, 3e-4, 1e-3, 3e-3)
+    records = [run("lora", lr, val) for lr, val in zip(grid, (1.0, 0.5, 0.2, 0.1))]
+    records += [run("smt:grad_sq", lr, val) for lr, val in zip(grid, (0.9, 0.6, 0.15, 0.3))]
+    records += [run("smt:grad_sq", 1e-3, 9.0, seed=1), run("lora", 1e-3, 0.1, precision="bf16-mixed")]
+    (key,) = section.lr_curves(records)  # bf16 has one LoRA LR only, seed 1 is not a curve point
+    assert key == ("32-true", "facts-20", "qkv-r8")
+    table = section.lr_markdown(records)
+    assert "| 0.003 / 0.001 | 0.300 (+0.150) | 1.000 / 0.900 |" in table and "| 158 |" in table
+    assert section.lr_markdown(records[:5]) == ""  # SMT with one LR: no curve to compare

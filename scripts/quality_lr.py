@@ -8,6 +8,8 @@ best LR, SMT's loss at LoRA's best LR against SMT's own best, and each arm's wor
 
 from __future__ import annotations
 
+import statistics
+
 from quality_tasks import arm_label
 
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -19,17 +21,31 @@ def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     sweeps: dict[tuple, dict[str, dict]] = {}
     for r in records:
         c = r["cell"]
-        if c["seed"] != 0 or arm_label(c) not in ARMS:
+        if arm_label(c) not in ARMS:
             continue
         key = (c.get("precision", "32-true"), c["task"], f"{c['targets']}-{c['budget']}")
-        entry = sweeps.setdefault(key, {}).setdefault(arm_label(c), {"curve": {}, "blocks": None})
-        entry["curve"][c["lr"]] = r["metrics"]["val_nll"]
-        entry["blocks"] = (r.get("selection") or {}).get("blocks", entry["blocks"])
+        entry = sweeps.setdefault(key, {}).setdefault(arm_label(c), {"curve": {}, "blocks": None, "seeds": {}})
+        entry["seeds"].setdefault(c["lr"], []).append(r["metrics"])
+        if c["seed"] == 0:
+            entry["curve"][c["lr"]] = r["metrics"]["val_nll"]
+            entry["blocks"] = (r.get("selection") or {}).get("blocks", entry["blocks"])
     return {k: v for k, v in sweeps.items() if all(len(v.get(arm, {}).get("curve", {})) >= 3 for arm in ARMS)}
 
 
 def _curve(curve: dict[float, float]) -> str:
     return " · ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(curve.items()))
+
+
+def _over_seeds(entry: dict, lr: float) -> str:
+    """Val NLL (and new-wording recall where measured) at ``lr`` over every seed run there: mean ± std (n)."""
+    runs = entry["seeds"][lr]
+    parts = []
+    for key, name in (("val_nll", "val NLL"), ("test_recall", "recall")):
+        values = [m[key] for m in runs if key in m]
+        if values:
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            parts.append(f"{name} {statistics.mean(values):.3f}{spread}")
+    return ", ".join(parts) + f" ({len(runs)})"
 
 
 def _worst_on_grid(curve: dict[float, float]) -> float | None:
@@ -45,10 +61,11 @@ def lr_markdown(records: list[dict]) -> str:
         "Val NLL by LR for LoRA and default SMT (`smt:grad_sq`) on the same budget, each precision's cells compared "
         "only with each other. `SMT at LoRA's LR`: SMT's val NLL at the LR that is best for LoRA, and how far that is "
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
-        "that grid, where both ran all of it (issue 24's target: SMT's within 0.01 of LoRA's).", "",
+        "that grid, where both ran all of it (issue 24's target: SMT's within 0.01 of LoRA's). `at best LR`: each "
+        "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR | best LR LoRA / SMT "
-        "| SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT |",
-        "|---|---|---|---:|---|---|---|---|---|",
+        "| SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT | at best LR: LoRA | at best LR: SMT |",
+        "|---|---|---|---:|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (precision, task, budget), arms in sorted(sweeps.items()):
         lora, smt = arms["lora"]["curve"], arms["smt:grad_sq"]["curve"]
@@ -58,6 +75,7 @@ def lr_markdown(records: list[dict]) -> str:
         worst_text = " / ".join(f"{w:.3f}" for w in worst) if None not in worst else "–"
         lines.append(
             f"| {precision} | {task} | {budget} | {arms['smt:grad_sq']['blocks'] or '–'} | {_curve(lora)} | "
-            f"{_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst_text} |"
+            f"{_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst_text} | "
+            f"{_over_seeds(arms['lora'], lora_best)} | {_over_seeds(arms['smt:grad_sq'], smt_best)} |"
         )
     return "\n".join([*lines, ""])

@@ -141,9 +141,10 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     grid = (1e-4, 3e-4, 1e-3, 3e-3)
     records = [run("lora", lr, val) for lr, val in zip(grid, (1.0, 0.5, 0.2, 0.1))]
     records += [run("smt:grad_sq", lr, val) for lr, val in zip(grid, (0.9, 0.6, 0.15, 0.3))]
-    records += [run("smt:grad_sq", 1e-3, 9.0, seed=1), run("lora", 1e-3, 0.1, precision="bf16-mixed")]
+    records += [run("smt:grad_sq", 1e-3, 0.25, seed=1), run("lora", 1e-3, 0.1, precision="bf16-mixed")]
     (key,) = section.lr_curves(records)  # bf16 has one LoRA LR only, seed 1 is not a curve point
     assert key == ("32-true", "facts-20", "qkv-r8")
     table = section.lr_markdown(records)
-    assert "| 0.003 / 0.001 | 0.300 (+0.150) | 1.000 / 0.900 |" in table and "| 158 |" in table
+    assert "| 0.003 / 0.001 | 0.300 (+0.150) | 1.000 / 0.900 | val NLL 0.100 (1) | val NLL 0.200 ± 0.071 (2) |" in table
+    assert "| 158 |" in table
     assert section.lr_markdown(records[:5]) == ""  # SMT with one LR: no curve to compare

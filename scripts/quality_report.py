@@ -271,14 +271,16 @@ def precision_check(out: Path) -> str:
     if not pairs:
         return ""
     lines = ["### precision check: the same cells trained in fp32 and in bf16-mixed", "",
-             "| task | budget | arm | LR | seed | val NLL fp32 → bf16 | test NLL fp32 → bf16 | WikiText NLL fp32 → bf16 |",
+             "| task | budget | arm | LR | seed | val NLL fp32 → bf16 | test NLL fp32 → bf16 "
+             "| WikiText NLL fp32 → bf16 |",
              "|---|---|---|---:|---:|---|---|---|"]  # fmt: skip
     for a, b in pairs:
         moves = [f"{a['metrics'][k]:.4f} → {b['metrics'][k]:.4f}" for k in ("val_nll", "test_nll", "wiki_nll")]
         c = a["cell"]
         lines.append(
             f"| {c['task']} | {c['targets']}-{c['budget']} | {arm_label(c)} | {c['lr']:g} | {c['seed']} | "
-            + " | ".join(moves) + " |"
+            + " | ".join(moves)
+            + " |"
         )
     return "\n".join([*lines, ""])
 

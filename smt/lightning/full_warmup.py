@@ -5,9 +5,9 @@ tunes the selected blocks from the warmed weights. Here, with the lifecycle cons
 changes after the strategy wraps the model (DDP buckets, optimizer param groups, strict checkpoint loads):
 
 - ``setup`` (before wrapping and ``configure_optimizers``): every parameter of the network that holds the bank
-  requires grad, beside the slots. ``smt.lightning.param_groups`` puts them in a group of their own with ``smt.warmup_lr``
-  (``smt_full_warmup: True``; ``SMTLanguageModel`` gives that group a constant LR, the blocks' schedule starts after
-  the warm-up as before).
+  requires grad, beside the slots. ``smt.lightning.param_groups`` puts them in a group of their own with
+  ``smt.warmup_lr`` (``smt_full_warmup: True``; ``SMTLanguageModel`` gives that group a constant LR, the blocks'
+  schedule starts after the warm-up as before).
 - warm-up steps: only the slots' gradients are dropped (Δ ≡ 0, as in the score-only warm-up); the optimizer updates
   every dense weight while the layers tap block scores from the same backward (``SparseBlockLinear`` forms
   ``dW0 = gᵀx`` only while ``W0`` requires grad).

@@ -384,5 +384,10 @@ class SparseMatrixTuning(Callback):
         self._pending_state = None
 
 
+def find_callback(trainer: Trainer) -> SparseMatrixTuning | None:
+    """The trainer's ``SparseMatrixTuning`` callback, if it has one."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning)), None)
+
+
 def _reduce_sum(trainer: Trainer, tensor: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
     return trainer.strategy.reduce(tensor.to(pl_module.device), reduce_op="sum")

@@ -393,6 +393,7 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def _smt_warmup_offset(trainer) -> int:
-    from smt.lightning.callback import SparseMatrixTuning
+    from smt.lightning.callback import find_callback
 
-    return sum(cb.warmup_offset for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning))
+    smt = find_callback(trainer)
+    return smt.warmup_offset if smt is not None else 0

@@ -32,7 +32,9 @@ def param_groups(trainer: Trainer, params: list[nn.Parameter], lr: float) -> lis
         ...     params = [p for p in self.parameters() if p.requires_grad]
         ...     return torch.optim.AdamW(param_groups(self.trainer, params, lr=3e-4))
     """
-    smt = _callback(trainer)
+    from smt.lightning.callback import find_callback  # the callback imports this module
+
+    smt = find_callback(trainer)
     if smt is None:
         return [{"params": list(params), "lr": lr}]
     slots = {id(slot) for slot in get_bank(smt.target(trainer.lightning_module)).slots}
@@ -62,10 +64,3 @@ def check_groups(lr_scale: float, optimizers: list[torch.optim.Optimizer]) -> No
 def _warmup_lr(smt, lr: float) -> float:
     warmup = smt.full_warmup
     return warmup.warmup_lr if warmup is not None and warmup.warmup_lr is not None else lr
-
-
-def _callback(trainer: Trainer):
-    from smt.lightning.callback import SparseMatrixTuning
-
-    found = [cb for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning)]
-    return found[0] if found else None

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from smt.core.heatmap import module_kind
 from smt.core.selection import Selection, assign_pools
-from smt.lightning.callback import SparseMatrixTuning
+from smt.lightning.callback import find_callback
 
 TABLE_COLUMNS = ("module", "pool", "layer", "kind", "grid", "blocks", "tuned_weights")
 
@@ -108,7 +108,7 @@ class SelectionReport(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        tuner = _sparse_matrix_tuning(trainer)
+        tuner = find_callback(trainer)
         if tuner is None or tuner.selection is None or tuner.selection is self._reported or not trainer.loggers:
             return
         self._reported = tuner.selection
@@ -143,7 +143,3 @@ class SelectionReport(Callback):
 
         plt.close(figure)
         rank_zero_info(f"smt: selection report (table, heatmap) written to {folder}")
-
-
-def _sparse_matrix_tuning(trainer: Trainer) -> SparseMatrixTuning | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, SparseMatrixTuning)), None)

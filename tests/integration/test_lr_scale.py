@@ -52,7 +52,7 @@ def test_lr_scale_trains_the_blocks_exactly_as_the_scaled_lr_does():
 
 
 def test_the_slots_get_the_scaled_lr_and_the_other_trainable_weights_keep_the_optimizers():
-    trainer, smt = fit(GroupedRegressor(lr=0.01), lr_scale=4.0, trainable_modules=["up.bias"])
+    trainer, _ = fit(GroupedRegressor(lr=0.01), lr_scale=4.0, trainable_modules=["up.bias"])
     groups = trainer.optimizers[0].param_groups
     slots = [g for g in groups if g.get(SLOTS_FLAG)]
     rest = [g for g in groups if not g.get(SLOTS_FLAG)]

@@ -31,7 +31,8 @@ update nothing, over the same steps and batches: the warm arm makes ``warmup`` m
 Budgets: ``r8`` / ``r32`` = as many trainable weights as LoRA of that rank on the same targets (counted exactly
 and reported); targets ``qkv``, ``v``, ``all`` (every linear layer of the decoder). Every arm trains ``--steps``
 optimizer steps on the same batches in the same order (the data seed is the run's seed); SMT's warm-up steps are
-inside that budget.
+inside that budget. The LR follows the study's schedule (3 warm-up steps, cosine down to 0.1×) unless
+``--schedule constant`` (plain AdamW; ``study --plan user-lr`` runs LoRA and SMT over 1e-4 … 3e-3 that way).
 
 Results: one JSON per (task, targets, budget, arm, seed, lr) under ``--out`` (default ``docs/quality/raw``), so a
 long study accumulates across runs and sessions; ``report`` picks each arm's LR by validation NLL (seed 0),
@@ -54,6 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness import StepClock, arm_callbacks, cpu_trainer, language_model
+from quality_lr import USER_GRID
 from quality_report import best_lr, load_results, matches_arm, report
 from quality_tasks import (
     DEFAULT_OUT,
@@ -118,12 +120,19 @@ def fact_recall(model, tokenizer, records: list[dict], template: str) -> float:
 # --- methods ------------------------------------------------------------------------------------------
 
 
+SCHEDULES = {
+    "cosine": {"scheduler": "cosine", "lr_warmup_steps": 3, "min_lr_ratio": 0.1},
+    "constant": {"scheduler": "constant", "lr_warmup_steps": 0, "min_lr_ratio": 1.0},
+}
+"""``Cell.schedule`` → the LightningModule's LR schedule."""
+
+
 def build_module(cell: Cell, harness: Harness):
     """The LightningModule and callbacks of one arm, from the same seed and weights, at LoRA ``cell.budget``'s size."""
     from smt.core.config import RegrowthConfig
 
     module = language_model(harness.model, harness.model_config, harness.tokenizer, cell.seed, lr=cell.lr,
-                            scheduler="cosine", lr_warmup_steps=3, min_lr_ratio=0.1)  # fmt: skip
+                            **SCHEDULES[cell.schedule])  # fmt: skip
     kind, _, criterion = cell.arm.partition(":")
     criterion, _, side = criterion.partition("@")  # "grad_sq@32": 32² blocks instead of the cell's default
     rank, targets = int(cell.budget.removeprefix("r")), TARGETS[cell.targets]
@@ -250,6 +259,7 @@ PLANS = {
     "capacity-sparse": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random"],  # full FT has no budget to vary
     "spread": ["spread:grad_sq"],
     "warmup": ["smt:grad_sq", "warm:grad_sq"],  # the paper's dense warm-up against score-only, same steps
+    "user-lr": ["lora", "smt:grad_sq"],  # every LR of a user's grid (USER_GRID), no search: issue 24's target
 }
 
 
@@ -284,12 +294,18 @@ def sweep_cells(results: list[dict], task: str, arm: str, targets: str, budget: 
 
 
 def next_cells(plan: str, tasks: list[str], targets: str, budget: str, seeds: int, steps: int | None, harness: Harness,
-               epochs: float = 8):  # fmt: skip
+               epochs: float = 8, schedule: str = "cosine"):  # fmt: skip
     """The plan's missing cells, one at a time: the LR sweeps round-robin over the arms (each next LR depends on
-    what the earlier ones found), then the extra seeds of every arm at its chosen LR."""
+    what the earlier ones found), then the extra seeds of every arm at its chosen LR. ``user-lr`` instead runs
+    every LR of the user grid once (seed 0) under ``schedule``; the other plans train with the study's cosine."""
     arms, requested = PLANS[plan], steps
     for task in tasks:
         steps = task_steps(task, requested, epochs)
+        if plan == "user-lr":
+            for lr in USER_GRID:
+                yield from (Cell(task, arm, lr, 0, targets, budget, steps, precision=harness.precision,
+                                 schedule=schedule) for arm in arms)  # fmt: skip
+            continue
         pending = True
         while pending:
             pending = False
@@ -312,7 +328,8 @@ def run_in_subprocess(cell: Cell, harness: Harness, threads: int = 0) -> bool:
     """One cell in a fresh process (a crash or leak costs one cell); True when its result file exists."""
     args = [sys.executable, __file__, "run", "--task", cell.task, "--arm", cell.arm, "--lr", str(cell.lr),
             "--seed", str(cell.seed), "--targets", cell.targets, "--budget", cell.budget, "--steps", str(cell.steps),
-            "--em", str(cell.em), "--out", str(harness.out), "--precision", cell.precision]  # fmt: skip
+            "--em", str(cell.em), "--out", str(harness.out), "--precision", cell.precision,
+            "--schedule", cell.schedule]  # fmt: skip
     if harness.model_config is not None:
         args.append("--tiny-model")
     if threads:
@@ -329,10 +346,13 @@ def ensure_base(task: str, harness: Harness) -> None:
 
 
 def study(args, harness: Harness) -> int:
+    if args.schedule != "cosine" and args.plan != "user-lr":
+        sys.exit(f"quality: --schedule {args.schedule} runs only with --plan user-lr (the other plans' LR searches "
+                 "and tables are the cosine study's); drop --schedule or use --plan user-lr")  # fmt: skip
     for task in args.tasks:
         ensure_base(task, harness)
     for cell in next_cells(args.plan, args.tasks, args.targets, args.budget, args.seeds, args.steps, harness,
-                           args.epochs):  # fmt: skip
+                           args.epochs, args.schedule):  # fmt: skip
         if result_path(cell, harness).is_file():
             continue
         print(f"quality: {cell.key()}", flush=True)
@@ -369,6 +389,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--warmup-on-top",
         action="store_true",
         help="SMT's warm-up steps on top of --steps (every arm makes --steps updates) instead of inside",
+    )
+    parser.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=list(SCHEDULES),
+        help="LR schedule: cosine (3 warm-up steps, down to 0.1x; the study's) or constant (plain AdamW)",
     )
     parser.add_argument("--em", type=int, default=0, help="GSM8K test questions for greedy exact match (0 = off)")
     parser.add_argument("--plan", default="sweep", choices=list(PLANS))
@@ -415,11 +441,14 @@ def tiny(out: Path, precision: str) -> int:
         ("facts-8", "rslora"),
         ("code", "smt:grad_sq"),
     ]
+    cells += [("arc_easy", "smt:grad_sq")]  # plain AdamW: no LR schedule
     on_top = {("gsm8k", "smt:grad_snr")}  # its warm-up comes on top of the 6 updates
+    constant = {("arc_easy", "smt:grad_sq")}
     for task, arm in cells:
         lr = 1e-3 if arm == "full" else 1e-2
         cell = Cell(task, arm, lr, steps=6, batch_size=4, warmup=2, block_size=16, em=4 if task == "gsm8k" else 0,
-                    precision=harness.precision, warmup_on_top=(task, arm) in on_top)  # fmt: skip
+                    precision=harness.precision, warmup_on_top=(task, arm) in on_top,
+                    schedule="constant" if (task, arm) in constant else "cosine")  # fmt: skip
         _write(result_path(cell, harness), run_cell(cell, harness))
     print(report(harness, out / "quality.md"))
     return 0
@@ -450,7 +479,7 @@ def main(argv: list[str]) -> int:
     if args.command == "run":
         steps = task_steps(args.task, args.steps, args.epochs)
         cell = Cell(args.task, args.arm, args.lr, args.seed, args.targets, args.budget, steps, em=args.em,
-                    precision=harness.precision, warmup_on_top=args.warmup_on_top)  # fmt: skip
+                    precision=harness.precision, warmup_on_top=args.warmup_on_top, schedule=args.schedule)  # fmt: skip
         ensure_base(args.task, harness)
         _write(result_path(cell, harness), run_cell(cell, harness))
         return 0

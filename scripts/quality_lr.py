@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import statistics
 
-from quality_tasks import arm_label
-
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 ARMS = ("lora", "smt:grad_sq")
 
 
 def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """``(precision, task, budget) → arm → {"curve": {lr: val NLL}, "blocks": n}`` for seed-0 runs of ``ARMS``."""
+    """``(precision, task, budget, schedule) → arm → {"curve": {lr: val NLL}, "acc": {lr: val accuracy},
+    "blocks": n, "seeds": {lr: [metrics]}}`` for runs of ``ARMS`` (curves from seed 0)."""
     sweeps: dict[tuple, dict[str, dict]] = {}
     for r in records:
         c = r["cell"]
-        if arm_label(c) not in ARMS:
+        if c["arm"] not in ARMS or c.get("warmup_on_top"):
             continue
-        key = (c.get("precision", "32-true"), c["task"], f"{c['targets']}-{c['budget']}")
-        entry = sweeps.setdefault(key, {}).setdefault(arm_label(c), {"curve": {}, "blocks": None, "seeds": {}})
+        key = (c.get("precision", "32-true"), c["task"], f"{c['targets']}-{c['budget']}", c.get("schedule", "cosine"))
+        entry = sweeps.setdefault(key, {}).setdefault(c["arm"], {"curve": {}, "acc": {}, "blocks": None, "seeds": {}})
         entry["seeds"].setdefault(c["lr"], []).append(r["metrics"])
         if c["seed"] == 0:
             entry["curve"][c["lr"]] = r["metrics"]["val_nll"]
+            if "val_acc" in r["metrics"]:
+                entry["acc"][c["lr"]] = r["metrics"]["val_acc"]
             entry["blocks"] = (r.get("selection") or {}).get("blocks", entry["blocks"])
     return {k: v for k, v in sweeps.items() if all(len(v.get(arm, {}).get("curve", {})) >= 3 for arm in ARMS)}
 
@@ -48,8 +49,18 @@ def _over_seeds(entry: dict, lr: float) -> str:
     return ", ".join(parts) + f" ({len(runs)})"
 
 
-def _worst_on_grid(curve: dict[float, float]) -> float | None:
-    return max(curve[lr] for lr in USER_GRID) if all(lr in curve for lr in USER_GRID) else None
+def _worst_on_grid(curve: dict[float, float], worst=max) -> float | None:
+    return worst(curve[lr] for lr in USER_GRID) if all(lr in curve for lr in USER_GRID) else None
+
+
+def _worst_text(lora: dict, smt: dict) -> str:
+    """Each arm's worst val NLL over the user grid, and its worst val accuracy where the task measures one."""
+    worst = [_worst_on_grid(lora["curve"]), _worst_on_grid(smt["curve"])]
+    if None in worst:
+        return "–"
+    text = " / ".join(f"{w:.3f}" for w in worst)
+    acc = [_worst_on_grid(lora["acc"], min), _worst_on_grid(smt["acc"], min)]
+    return text + ("" if None in acc else f" (acc {acc[0]:.3f} / {acc[1]:.3f})")
 
 
 def lr_markdown(records: list[dict]) -> str:
@@ -58,24 +69,26 @@ def lr_markdown(records: list[dict]) -> str:
         return ""
     lines = [
         "### learning rate: SMT's validation curve beside LoRA's (seed 0)", "",
-        "Val NLL by LR for LoRA and default SMT (`smt:grad_sq`) on the same budget, each precision's cells compared "
-        "only with each other. `SMT at LoRA's LR`: SMT's val NLL at the LR that is best for LoRA, and how far that is "
+        "Val NLL by LR for LoRA and default SMT (`smt:grad_sq`) on the same budget, each precision's and each LR "
+        "schedule's cells compared only with each other (`cosine`: the study's; `constant`: plain AdamW, no "
+        "warm-up, no decay). `SMT at LoRA's LR`: SMT's val NLL at the LR that is best for LoRA, and how far that is "
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
-        "that grid, where both ran all of it (issue 24's target: SMT's within 0.01 of LoRA's). `at best LR`: each "
+        "that grid, where both ran all of it, and the worst val accuracy where the task has one (issue 24's "
+        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
-        "| precision | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR | best LR LoRA / SMT "
-        "| SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT | at best LR: LoRA | at best LR: SMT |",
-        "|---|---|---|---:|---|---|---|---|---|---|---|",
+        "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "
+        "| best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
+        "| at best LR: LoRA | at best LR: SMT |",
+        "|---|---|---|---|---:|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for (precision, task, budget), arms in sorted(sweeps.items()):
+    for (precision, task, budget, schedule), arms in sorted(sweeps.items()):
         lora, smt = arms["lora"]["curve"], arms["smt:grad_sq"]["curve"]
         lora_best, smt_best = min(lora, key=lora.get), min(smt, key=smt.get)
         at_lora = f"{smt[lora_best]:.3f} (+{smt[lora_best] - smt[smt_best]:.3f})" if lora_best in smt else "–"
-        worst = [_worst_on_grid(lora), _worst_on_grid(smt)]
-        worst_text = " / ".join(f"{w:.3f}" for w in worst) if None not in worst else "–"
+        worst = _worst_text(arms["lora"], arms["smt:grad_sq"])
         lines.append(
-            f"| {precision} | {task} | {budget} | {arms['smt:grad_sq']['blocks'] or '–'} | {_curve(lora)} | "
-            f"{_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst_text} | "
+            f"| {precision} | {schedule} | {task} | {budget} | {arms['smt:grad_sq']['blocks'] or '–'} | "
+            f"{_curve(lora)} | {_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst} | "
             f"{_over_seeds(arms['lora'], lora_best)} | {_over_seeds(arms['smt:grad_sq'], smt_best)} |"
         )
     return "\n".join([*lines, ""])

@@ -48,18 +48,24 @@ class Cell:
     precision: str = "bf16-mixed"
     warmup_on_top: bool = False
     """SMT's warm-up steps come on top of ``steps`` (every arm then makes ``steps`` updates) instead of inside them."""
+    schedule: str = "cosine"
+    """``cosine``: 3 linear warm-up steps, then cosine down to 0.1× the LR (the study's runs); ``constant``: the LR
+    from the first update to the last (plain AdamW with no schedule, as a user's first try often is)."""
 
     def key(self) -> str:
         budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
         suffix = "" if self.steps == 100 else f"-steps{self.steps}"
         suffix += "" if self.precision == "bf16-mixed" else "-fp32"
         suffix += "-warmup_on_top" if self.warmup_on_top else ""
+        suffix += "" if self.schedule == "cosine" else f"-{self.schedule}"
         return f"{self.task}/{budget}/{self.arm.replace(':', '-')}/seed{self.seed}-lr{self.lr:g}{suffix}.json"
 
 
 def arm_label(cell: dict) -> str:
-    """The arm as the report names it: ``smt:grad_sq``, or ``smt:grad_sq +warm-up`` when its warm-up was on top."""
-    return cell["arm"] + (" +warm-up" if cell.get("warmup_on_top") else "")
+    """The arm as the report names it: ``smt:grad_sq``; ``smt:grad_sq +warm-up`` when its warm-up was on top;
+    ``lora constant-LR`` when it ran without the study's schedule (a separate row, never mixed into the LR choice)."""
+    label = cell["arm"] + (" +warm-up" if cell.get("warmup_on_top") else "")
+    return label + ("" if cell.get("schedule", "cosine") == "cosine" else f" {cell['schedule']}-LR")
 
 
 @dataclass

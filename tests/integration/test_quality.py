@@ -143,8 +143,37 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     records += [run("smt:grad_sq", lr, val) for lr, val in zip(grid, (0.9, 0.6, 0.15, 0.3))]
     records += [run("smt:grad_sq", 1e-3, 0.25, seed=1), run("lora", 1e-3, 0.1, precision="bf16-mixed")]
     (key,) = section.lr_curves(records)  # bf16 has one LoRA LR only, seed 1 is not a curve point
-    assert key == ("32-true", "facts-20", "qkv-r8")
+    assert key == ("32-true", "facts-20", "qkv-r8", "cosine")
     table = section.lr_markdown(records)
     assert "| 0.003 / 0.001 | 0.300 (+0.150) | 1.000 / 0.900 | val NLL 0.100 (1) | val NLL 0.200 ± 0.071 (2) |" in table
     assert "| 158 |" in table
     assert section.lr_markdown(records[:5]) == ""  # SMT with one LR: no curve to compare
+
+    # a plain-AdamW sweep is its own row, with the worst accuracy where the task measures one
+    constant = []
+    for arm, accs in (("lora", (0.50, 0.60, 0.62, 0.61)), ("smt:grad_sq", (0.52, 0.58, 0.63, 0.60))):
+        for lr, acc in zip(grid, accs):
+            record = run(arm, lr, 2.0 - acc)
+            record["cell"]["schedule"], record["metrics"]["val_acc"] = "constant", acc
+            constant.append(record)
+    assert set(section.lr_curves(records + constant)) == {key, ("32-true", "facts-20", "qkv-r8", "constant")}
+    row = next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
+    assert "| 1.500 / 1.480 (acc 0.500 / 0.520) |" in row
+
+
+def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):
+    from smt.lightning.schedules import warmup_cosine
+
+    shape = quality.SCHEDULES["constant"]
+    multiplier = warmup_cosine(100, shape["lr_warmup_steps"], shape["min_lr_ratio"], shape["scheduler"])
+    assert {multiplier(step) for step in range(100)} == {1.0}
+    cell = quality.Cell("arc_easy", "smt:grad_sq", 1e-3, schedule="constant")
+    assert cell.key().endswith("-constant.json") and cell.key() != replace(cell, schedule="cosine").key()
+    _, results, markdown = tiny_run
+    (record,) = [r for r in results if r["cell"].get("schedule") == "constant"]
+    assert record["steps"] == 6 and "| smt:grad_sq constant-LR |" in markdown  # its own row, not the LR choice
+    plan = quality.next_cells("user-lr", ["arc_easy"], "qkv", "r8", 1, None, quality.Harness(), schedule="constant")
+    plan = list(plan)
+    grid = [(arm, lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3) for arm in ("lora", "smt:grad_sq")]
+    assert [(c.arm, c.lr) for c in plan] == grid
+    assert {c.schedule for c in plan} == {"constant"}

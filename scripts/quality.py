@@ -259,6 +259,7 @@ PLANS = {
     "capacity-sparse": ["lora", "smt:grad_sq", "spread:grad_sq", "smt:random"],  # full FT has no budget to vary
     "spread": ["spread:grad_sq"],
     "warmup": ["smt:grad_sq", "warm:grad_sq"],  # the paper's dense warm-up against score-only, same steps
+    "budget": ["lora", "rslora", "smt:grad_sq"],  # larger budgets (--budget r64): rsLoRA is LoRA's strongest there
     "user-lr": ["lora", "smt:grad_sq"],  # every LR of a user's grid (USER_GRID), no search: issue 24's target
 }
 

@@ -237,7 +237,9 @@ they show in the learning-rate section and, where a bf16 twin exists, in the pre
 seed); SMT's 5 warm-up steps are inside the 100 (gradient-free `random` needs none). Equal budget: every sparse
 arm gets the trainable-weight count of LoRA of the budget's rank on the same targets (`budget` column: targets
 and rank, e.g. `qkv-r8`; `trainable` column, exact); SMT blocks are 64² unless the arm says `@<side>`. AdamW, cosine
-schedule to 0.1×, 3 LR warm-up steps. Each arm's LR is the seed-0 LR with the lowest *validation* NLL; test
+schedule to 0.1×, 3 LR warm-up steps; cells run with a constant LR (`--schedule constant`: plain AdamW, no
+warm-up or decay; `*-constant.json`) are their own rows (`<arm> constant-LR`) and never enter another arm's LR
+choice. Each arm's LR is the seed-0 LR with the lowest *validation* NLL; test
 columns are mean ± std over the seeds run at that LR. NLL = mean next-token negative log-likelihood of the
 held-out responses (alpaca: 200 records; GSM8K: 200 test problems; ARC-Easy: the correct answer's text); ARC
 accuracy = choice with the highest log-probability per byte (300 test questions); GSM8K exact match only where

@@ -169,7 +169,9 @@ def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):
     assert {multiplier(step) for step in range(100)} == {1.0}
     cell = quality.Cell("arc_easy", "smt:grad_sq", 1e-3, schedule="constant")
     assert cell.key().endswith("-constant.json") and cell.key() != replace(cell, schedule="cosine").key()
-    _, results, markdown = tiny_run
+    out, results, markdown = tiny_run
+    module, _ = quality.build_module(cell, quality.Harness.tiny(out))  # the cell's schedule reaches the module
+    assert {k: module.hparams[k] for k in shape} == shape
     (record,) = [r for r in results if r["cell"].get("schedule") == "constant"]
     assert record["steps"] == 6 and "| smt:grad_sq constant-LR |" in markdown  # its own row, not the LR choice
     plan = quality.next_cells("user-lr", ["arc_easy"], "qkv", "r8", 1, None, quality.Harness(), schedule="constant")

@@ -13,6 +13,10 @@ Tasks (from ``../shared/data``; each split fixed by a seeded shuffle, disjoint):
 - ``arc_easy``: ARC-Easy (LLM-Adapters files) with the *answer text* as the response; accuracy = the choice
   whose text is most likely (lm-eval style, summed log-probability normalised by the text's length in bytes),
   so the untuned model is neither at chance nor at ceiling; also the correct answer's NLL.
+- ``commonsense``: the long instruction run: 1,000 steps of 4 records (``--steps`` overrides) on the train
+  splits of BoolQ (question only, as LLM-Adapters ships it; true/false), ARC-Easy, ARC-Challenge and OpenBookQA
+  mixed, the answer text as the response; accuracy as for ``arc_easy`` on 50 test questions of each set
+  (``test_acc_<set>``) and over all 200 (``test_acc``).
 - ``code``: continued pretraining on the Python source of the installed ``lightning`` package (Apache-2.0, pinned),
   split by module (held-out modules are never trained on), plain text with the loss on every token, long files
   windowed by the data module (``template: text``); held-out NLL over fixed windows of the val/test modules.
@@ -58,6 +62,7 @@ from harness import StepClock, arm_callbacks, cpu_trainer, language_model
 from quality_lr import USER_GRID
 from quality_report import best_lr, load_results, matches_arm, report
 from quality_tasks import (
+    CHOICE_TASKS,
     DEFAULT_OUT,
     EPOCHS,
     ROOT,
@@ -93,9 +98,9 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
         "test_nll": response_nll(model, tokenizer, splits["test"], harness.max_length, template=template),
         "wiki_nll": text_nll(model, windows),
     }
-    if cell.task == "arc_easy":
+    if cell.task in CHOICE_TASKS:
         metrics["val_acc"] = choice_accuracy(model, tokenizer, splits["val"])
-        metrics["test_acc"] = choice_accuracy(model, tokenizer, splits["test"])
+        metrics |= test_accuracy(model, tokenizer, splits["test"])
     if cell.task == "gsm8k" and cell.em:
         metrics["test_em"] = exact_match(model, tokenizer, splits["test"][: cell.em])
     if is_knowledge_task(cell.task):
@@ -103,6 +108,17 @@ def evaluate(model, tokenizer, splits: dict, cell: Cell, harness: Harness, windo
                                               template=template)  # fmt: skip
         for split in ("trained", "val", "test"):
             metrics[f"{split}_recall"] = fact_recall(model, tokenizer, splits[split], template)
+    return metrics
+
+
+def test_accuracy(model, tokenizer, records: list[dict]) -> dict:
+    """``test_acc`` over every test question, and ``test_acc_<set>`` per source set where the task mixes sets."""
+    sources = sorted({r["source"] for r in records if "source" in r})
+    if not sources:
+        return {"test_acc": choice_accuracy(model, tokenizer, records)}
+    per_set = {s: [r for r in records if r.get("source") == s] for s in sources}
+    metrics = {f"test_acc_{s}": choice_accuracy(model, tokenizer, rows) for s, rows in per_set.items()}
+    metrics["test_acc"] = sum(metrics[f"test_acc_{s}"] * len(rows) for s, rows in per_set.items()) / len(records)
     return metrics
 
 
@@ -376,7 +392,8 @@ def _write(path: Path, record: dict) -> None:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=("run", "study", "report"), default="report")
-    parser.add_argument("--task", default="alpaca", type=task_name, help="alpaca, gsm8k, arc_easy or facts-N")
+    parser.add_argument("--task", default="alpaca", type=task_name,
+                        help="alpaca, gsm8k, arc_easy, commonsense, code or facts-N")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", default=["alpaca"], type=task_name)
     parser.add_argument("--arm", default="smt:grad_sq")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -438,6 +455,7 @@ def tiny(out: Path, precision: str) -> int:
     cells += [
         ("gsm8k", "smt:grad_snr"),
         ("arc_easy", "lora"),
+        ("commonsense", "smt:grad_sq"),
         ("facts-8", "spread:grad_sq"),
         ("facts-8", "rslora"),
         ("code", "smt:grad_sq"),

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from quality_lr import lr_markdown
-from quality_tasks import Harness, arm_label
+from quality_tasks import COMMONSENSE, Harness, arm_label
 
 
 def load_results(out: Path, precision: str | None = None) -> list[dict]:
@@ -35,6 +35,7 @@ def matches_arm(r: dict, task: str, arm: str, targets: str, budget: str) -> bool
 METRICS = {
     "test_nll": "test NLL",
     "test_acc": "test acc",
+    **{f"test_acc_{name}": f"{name} acc" for name in COMMONSENSE},  # the commonsense task's sets, each on its own
     "test_em": "GSM8K EM",
     "trained_recall": "recall (trained wording)",
     "test_recall": "recall (new wording)",

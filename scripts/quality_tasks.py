@@ -41,7 +41,8 @@ class Cell:
     targets: str = "qkv"
     budget: str = "r8"
     steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 0
+    """Records per optimizer step; 0 = the task's (``TASK_BATCH_SIZE``, else 8)."""
     warmup: int = 5
     block_size: int = 64
     em: int = 0
@@ -51,6 +52,9 @@ class Cell:
     schedule: str = "cosine"
     """``cosine``: 3 linear warm-up steps, then cosine down to 0.1× the LR (the study's runs); ``constant``: the LR
     from the first update to the last (plain AdamW with no schedule, as a user's first try often is)."""
+
+    def __post_init__(self) -> None:
+        self.batch_size = self.batch_size or TASK_BATCH_SIZE.get(self.task, 8)
 
     def key(self) -> str:
         budget = "dense" if self.arm == "full" else f"{self.targets}-{self.budget}"
@@ -82,6 +86,8 @@ class Harness:
     n_val: int = 100
     n_test: int = 200
     n_arc_test: int = 300
+    n_commonsense_test: int = 50
+    """Test questions per set of the ``commonsense`` task (four sets)."""
     wiki_windows: int = 24
     wiki_tokens: int = 256
     precision: str = "bf16-mixed"
@@ -91,8 +97,8 @@ class Harness:
     @classmethod
     def tiny(cls, out: Path) -> Harness:
         return cls(model=None, model_config=TINY_MODEL, tokenizer="bytes", data_root=out / "data", out=out / "raw",
-                   work=out / "work",
-                   max_length=96, n_val=8, n_test=8, n_arc_test=8, wiki_windows=2, wiki_tokens=64)  # fmt: skip
+                   work=out / "work", max_length=96, n_val=8, n_test=8, n_arc_test=8, n_commonsense_test=4,
+                   wiki_windows=2, wiki_tokens=64)  # fmt: skip
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -153,6 +159,37 @@ def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
     return {"test": test[: harness.n_arc_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
 
 
+COMMONSENSE = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
+"""The ``commonsense`` task's sets: every LLM-Adapters commonsense set that has a train split in ``../shared/data``
+(the papers' ``commonsense_170k`` mixture is not here)."""
+BOOLQ_PREFIX = "Please answer the following question with true or false, question: "
+
+
+def boolq_record(row: dict) -> dict:
+    """An LLM-Adapters BoolQ record (the question alone, no passage) as question → ``true``/``false``."""
+    question = row["instruction"].split("\n\n")[0].removeprefix(BOOLQ_PREFIX)
+    record = _record(f"True or false: {question}", row["answer"], row["answer"])
+    record["choices"], record["label"] = ["true", "false"], ["true", "false"].index(row["answer"])
+    return record
+
+
+def commonsense_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
+    """The four sets' train splits mixed and shuffled (validation: the first ``n_val``), tested on
+    ``n_commonsense_test`` questions of each set's test split; every record names its ``source`` set."""
+    train, test = [], []
+    for name in COMMONSENSE:
+        parse = boolq_record if name == "boolq" else arc_record
+
+        def read(split: str, name: str = name, parse=parse) -> list[dict]:
+            rows = json.loads((root / "llm_adapters" / name / f"{split}.json").read_text())
+            return [r | {"source": name} for r in map(parse, rows) if r is not None]
+
+        train += read("train")
+        test += _shuffled(read("test"))[: harness.n_commonsense_test]
+    train = _shuffled(train)
+    return {"test": test, "val": train[: harness.n_val], "train": train[harness.n_val :]}
+
+
 CODE_PACKAGE = "lightning"
 """The ``code`` task's corpus: this installed package's Python source (Apache-2.0, version pinned in
 constraints.txt), a domain a 135M model has seen little of in this detail."""
@@ -197,7 +234,15 @@ def text_windows(tokenizer, records: list[dict], length: int, count: int) -> lis
     return [ids[i : i + length] for i in range(0, len(ids) - length + 1, stride)][:count]
 
 
-TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits, "code": code_splits}
+TASKS = {"alpaca": alpaca_splits, "gsm8k": gsm8k_splits, "arc_easy": arc_splits, "commonsense": commonsense_splits,
+         "code": code_splits}  # fmt: skip
+CHOICE_TASKS = ("arc_easy", "commonsense")
+"""Multiple-choice tasks: scored by accuracy as well as NLL."""
+LONG_STEPS = {"commonsense": 1000}
+"""Tasks whose cells train longer than 100 steps by default: ``commonsense`` is the long instruction run."""
+TASK_BATCH_SIZE = {"commonsense": 4}
+"""Tasks that train on smaller batches than 8: the long run's 1,000 steps at 4 short records each cost about as
+much as 500 steps of 8 (~35 min on one core of the study's CPU) and still make ≥1,000 optimizer updates."""
 
 
 def is_knowledge_task(task: str) -> bool:
@@ -224,11 +269,12 @@ EPOCHS = 8
 
 
 def task_steps(task: str, steps: int | None, epochs: float, batch_size: int = 8) -> int:
-    """Optimizer steps of a cell: ``steps`` if given, else 100, or ``epochs`` passes over a facts task's records."""
+    """Optimizer steps of a cell: ``steps`` if given, else the task's default (100; ``LONG_STEPS``), or ``epochs``
+    passes over a facts task's records."""
     if steps is not None:
         return steps
     if not is_knowledge_task(task):
-        return 100
+        return LONG_STEPS.get(task, 100)
     from smt.eval.knowledge import TRAIN_WORDINGS
 
     records = int(task.removeprefix("facts-")) * len(TRAIN_WORDINGS)
@@ -273,8 +319,11 @@ def write_tiny_data(root: Path) -> None:
         arc.append(
             {"instruction": instruction, "input": "", "output": "", "answer": f"answer{options.index(a + b) + 1}"}
         )
-    (root / "llm_adapters" / "ARC-Easy").mkdir(parents=True, exist_ok=True)
-    for name in ("train.json", "test.json"):
-        (root / "llm_adapters" / "ARC-Easy" / name).write_text(json.dumps(arc))
+    boolq = [{"instruction": f"{BOOLQ_PREFIX}is {a} plus {b} even?\n\nAnswer format: true/false", "input": "",
+              "output": "", "answer": "true" if (a + b) % 2 == 0 else "false"} for a, b in sums]  # fmt: skip
+    for folder, rows in (("ARC-Easy", arc), ("ARC-Challenge", arc), ("openbookqa", arc), ("boolq", boolq)):
+        (root / "llm_adapters" / folder).mkdir(parents=True, exist_ok=True)
+        for name in ("train.json", "test.json"):
+            (root / "llm_adapters" / folder / name).write_text(json.dumps(rows))
     (root / "wikitext-2").mkdir(parents=True, exist_ok=True)
     (root / "wikitext-2" / "test.txt").write_text(" The quick brown fox jumps over the lazy dog . " * 200)

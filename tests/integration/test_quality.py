@@ -131,6 +131,31 @@ def test_arc_records_keep_the_answer_text_and_the_choices():
     assert record["choices"] == ["ice", "steam", "rock"] and record["label"] == 1
 
 
+def test_boolq_records_ask_true_or_false():
+    tasks = import_script("quality_tasks")
+    row = {"instruction": tasks.BOOLQ_PREFIX + "is the sky blue?\n\nAnswer format: true/false", "answer": "false"}
+    record = tasks.boolq_record(row)
+    assert record["instruction"] == "True or false: is the sky blue?" and record["output"] == "false"
+    assert record["choices"] == ["true", "false"] and record["label"] == 1
+
+
+def test_commonsense_mixes_four_sets_and_scores_each(tiny_run, quality, tmp_path):
+    _, results, markdown = tiny_run
+    (record,) = [r for r in results if r["cell"]["task"] == "commonsense"]
+    per_set = [record["metrics"][f"test_acc_{name}"] for name in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")]
+    assert record["metrics"]["test_acc"] == pytest.approx(sum(per_set) / 4)  # equal test questions per set
+    assert "### commonsense" in markdown and "| boolq acc |" in markdown
+    harness = quality.Harness.tiny(tmp_path)
+    quality.write_tiny_data(harness.data_root)
+    splits = quality.task_splits("commonsense", harness)
+    sources = [r["source"] for r in splits["test"]]
+    assert {name: sources.count(name) for name in set(sources)} == dict.fromkeys(
+        ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"), harness.n_commonsense_test
+    )
+    assert {r["source"] for r in splits["train"]} == set(sources) and len(splits["val"]) == harness.n_val
+    assert quality.task_steps("commonsense", None, 8) == 1000 and quality.task_steps("commonsense", 20, 8) == 20
+
+
 def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr(quality):
     section = import_script("quality_lr")
 

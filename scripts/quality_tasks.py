@@ -242,7 +242,7 @@ LONG_STEPS = {"commonsense": 1000}
 """Tasks whose cells train longer than 100 steps by default: ``commonsense`` is the long instruction run."""
 TASK_BATCH_SIZE = {"commonsense": 4}
 """Tasks that train on smaller batches than 8: the long run's 1,000 steps at 4 short records each cost about as
-much as 500 steps of 8 (~35 min on one core of the study's CPU) and still make ≥1,000 optimizer updates."""
+much as 500 steps of 8 (20–30 min on one core of the study's CPU) and still make ≥1,000 optimizer updates."""
 
 
 def is_knowledge_task(task: str) -> bool:

@@ -154,6 +154,8 @@ def test_commonsense_mixes_four_sets_and_scores_each(tiny_run, quality, tmp_path
     )
     assert {r["source"] for r in splits["train"]} == set(sources) and len(splits["val"]) == harness.n_val
     assert quality.task_steps("commonsense", None, 8) == 1000 and quality.task_steps("commonsense", 20, 8) == 20
+    assert quality.Cell("commonsense", "lora", 1e-3).batch_size == 4  # the task's own; others keep 8
+    assert quality.Cell("alpaca", "lora", 1e-3).batch_size == 8
 
 
 def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr(quality):

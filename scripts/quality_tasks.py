@@ -149,13 +149,14 @@ def arc_record(row: dict) -> dict | None:
     return record
 
 
+def llm_adapters_records(root: Path, name: str, split: str, parse) -> list[dict]:
+    """One split of an LLM-Adapters set (``root/llm_adapters/<name>/<split>.json``), parsed; bad rows dropped."""
+    rows = json.loads((root / "llm_adapters" / name / f"{split}.json").read_text())
+    return [r for r in map(parse, rows) if r is not None]
+
+
 def arc_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
-    folder = root / "llm_adapters" / "ARC-Easy"
-
-    def read(name: str) -> list[dict]:
-        return [r for r in map(arc_record, json.loads((folder / name).read_text())) if r is not None]
-
-    train, test = _shuffled(read("train.json")), _shuffled(read("test.json"))
+    train, test = (_shuffled(llm_adapters_records(root, "ARC-Easy", split, arc_record)) for split in ("train", "test"))
     return {"test": test[: harness.n_arc_test], "val": train[: harness.n_val], "train": train[harness.n_val :]}
 
 
@@ -179,13 +180,9 @@ def commonsense_splits(root: Path, harness: Harness) -> dict[str, list[dict]]:
     train, test = [], []
     for name in COMMONSENSE:
         parse = boolq_record if name == "boolq" else arc_record
-
-        def read(split: str, name: str = name, parse=parse) -> list[dict]:
-            rows = json.loads((root / "llm_adapters" / name / f"{split}.json").read_text())
-            return [r | {"source": name} for r in map(parse, rows) if r is not None]
-
-        train += read("train")
-        test += _shuffled(read("test"))[: harness.n_commonsense_test]
+        train += [r | {"source": name} for r in llm_adapters_records(root, name, "train", parse)]
+        tested = _shuffled(llm_adapters_records(root, name, "test", parse))[: harness.n_commonsense_test]
+        test += [r | {"source": name} for r in tested]
     train = _shuffled(train)
     return {"test": test, "val": train[: harness.n_val], "train": train[harness.n_val :]}
 

@@ -49,18 +49,30 @@ def _over_seeds(entry: dict, lr: float) -> str:
     return ", ".join(parts) + f" ({len(runs)})"
 
 
-def _worst_on_grid(curve: dict[float, float], worst=max) -> float | None:
-    return worst(curve[lr] for lr in USER_GRID) if all(lr in curve for lr in USER_GRID) else None
+def _worst_lr(curve: dict[float, float], worst=max) -> float | None:
+    """The grid LR where the seed-0 ``curve`` is worst, where it covers the whole grid."""
+    return worst(USER_GRID, key=curve.get) if all(lr in curve for lr in USER_GRID) else None
+
+
+def _seeded(entry: dict, lr: float, key: str) -> str:
+    """``key`` at ``lr``: the one run's value, or mean ± std (seeds) where more seeds ran there."""
+    values = [m[key] for m in entry["seeds"][lr]]
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
 def _worst_text(lora: dict, smt: dict) -> str:
-    """Each arm's worst val NLL over the user grid, and its worst val accuracy where the task measures one."""
-    worst = [_worst_on_grid(lora["curve"]), _worst_on_grid(smt["curve"])]
-    if None in worst:
+    """Each arm's worst val NLL over the user grid (over the seeds run at that LR), and its worst val accuracy
+    where the task measures one."""
+    lrs = [_worst_lr(lora["curve"]), _worst_lr(smt["curve"])]
+    if None in lrs:
         return "–"
-    text = " / ".join(f"{w:.3f}" for w in worst)
-    acc = [_worst_on_grid(lora["acc"], min), _worst_on_grid(smt["acc"], min)]
-    return text + ("" if None in acc else f" (acc {acc[0]:.3f} / {acc[1]:.3f})")
+    text = " / ".join(_seeded(entry, lr, "val_nll") for entry, lr in zip((lora, smt), lrs))
+    acc_lrs = [_worst_lr(lora["acc"], min), _worst_lr(smt["acc"], min)]
+    if None in acc_lrs:
+        return text
+    return text + " (acc " + " / ".join(_seeded(e, lr, "val_acc") for e, lr in zip((lora, smt), acc_lrs)) + ")"
 
 
 def lr_markdown(records: list[dict]) -> str:
@@ -73,7 +85,8 @@ def lr_markdown(records: list[dict]) -> str:
         "schedule's cells compared only with each other (`cosine`: the study's; `constant`: plain AdamW, no "
         "warm-up, no decay). `SMT at LoRA's LR`: SMT's val NLL at the LR that is best for LoRA, and how far that is "
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
-        "that grid, where both ran all of it, and the worst val accuracy where the task has one (issue 24's "
+        "that grid, where both ran all of it (mean ± std (seeds) where more seeds ran at that LR), and the worst "
+        "val accuracy where the task has one (issue 24's "
         "target: SMT's within 0.01 NLL or 1 point of LoRA's). `at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "

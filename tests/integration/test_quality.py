@@ -186,6 +186,12 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     assert set(section.lr_curves(records + constant)) == {key, ("32-true", "facts-20", "qkv-r8", "constant")}
     row = next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
     assert "| 1.500 / 1.480 (acc 0.500 / 0.520) |" in row
+    # more seeds at an arm's worst LR: the worst is their mean ± std
+    again = run("lora", 1e-4, 1.52, seed=1)
+    again["cell"]["schedule"], again["metrics"]["val_acc"] = "constant", 0.48
+    table = section.lr_markdown(records + constant + [again])
+    row = next(line for line in table.splitlines() if "| constant |" in line)
+    assert "| 1.510 ± 0.014 (2) / 1.480 (acc 0.490 ± 0.014 (2) / 0.520) |" in row
 
 
 def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):

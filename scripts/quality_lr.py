@@ -8,10 +8,14 @@ best LR, SMT's loss at LoRA's best LR against SMT's own best, and each arm's wor
 
 from __future__ import annotations
 
+import math
 import statistics
 
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 ARMS = ("lora", "smt:grad_sq")
+SCALE_TRIED = 3.0
+"""The ``smt.lr_scale`` the section prices: SMT at this multiple of the user's LR is the same run as the slots'
+param group scaled by it (only the slots train), so its cells are SMT's at 3× each grid LR."""
 
 
 def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -49,9 +53,16 @@ def _over_seeds(entry: dict, lr: float) -> str:
     return ", ".join(parts) + f" ({len(runs)})"
 
 
-def _worst_lr(curve: dict[float, float], worst=max) -> float | None:
-    """The grid LR where the seed-0 ``curve`` is worst, where it covers the whole grid."""
-    return worst(USER_GRID, key=curve.get) if all(lr in curve for lr in USER_GRID) else None
+def _grid_points(curve: dict[float, float], scale: float = 1.0) -> list[float] | None:
+    """The LRs of ``curve`` at ``scale`` × each user-grid LR, or None where one is missing."""
+    points = [next((lr for lr in curve if math.isclose(lr, scale * g, rel_tol=1e-6)), None) for g in USER_GRID]
+    return None if None in points else points
+
+
+def _worst_lr(curve: dict[float, float], worst=max, scale: float = 1.0) -> float | None:
+    """The LR where the seed-0 ``curve`` is worst over ``scale`` × the user grid, where it covers all of it."""
+    points = _grid_points(curve, scale)
+    return None if points is None else worst(points, key=curve.get)
 
 
 def _seeded(entry: dict, lr: float, key: str) -> str:
@@ -75,6 +86,21 @@ def _worst_text(lora: dict, smt: dict) -> str:
     return text + " (acc " + " / ".join(_seeded(e, lr, "val_acc") for e, lr in zip((lora, smt), acc_lrs)) + ")"
 
 
+def _scaled_text(smt: dict) -> str:
+    """SMT's worst (over the seeds run there) and best val NLL over the user grid at ``lr_scale`` 1 and at
+    ``SCALE_TRIED`` (its cells at 3× each grid LR), and the worst val accuracy where the task has one."""
+    parts = []
+    for scale in (1.0, SCALE_TRIED):
+        points = _grid_points(smt["curve"], scale)
+        if points is None:
+            return "–"
+        worst, best = _worst_lr(smt["curve"], scale=scale), min(points, key=smt["curve"].get)
+        acc = _worst_lr(smt["acc"], min, scale)
+        acc_text = "" if acc is None else f" (acc {_seeded(smt, acc, 'val_acc')})"
+        parts.append(f"{_seeded(smt, worst, 'val_nll')}{acc_text} / {smt['curve'][best]:.3f}")
+    return " → ".join(parts)
+
+
 def lr_markdown(records: list[dict]) -> str:
     sweeps = lr_curves(records)
     if not sweeps:
@@ -87,12 +113,14 @@ def lr_markdown(records: list[dict]) -> str:
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
         "that grid, where both ran all of it (mean ± std (seeds) where more seeds ran at that LR), and the worst "
         "val accuracy where the task has one (issue 24's "
-        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `at best LR`: each "
+        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `SMT worst / best, lr_scale 1 → 3`: SMT's worst "
+        "(and worst accuracy) and best val NLL over the grid as it is and with `smt.lr_scale 3`, read from SMT's "
+        "cells at 3× each grid LR (the same runs: only the slots train). `at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "
         "| best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
-        "| at best LR: LoRA | at best LR: SMT |",
-        "|---|---|---|---|---:|---|---|---|---|---|---|---|",
+        "| SMT worst / best, lr_scale 1 → 3 | at best LR: LoRA | at best LR: SMT |",
+        "|---|---|---|---|---:|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (precision, task, budget, schedule), arms in sorted(sweeps.items()):
         lora, smt = arms["lora"]["curve"], arms["smt:grad_sq"]["curve"]
@@ -102,6 +130,7 @@ def lr_markdown(records: list[dict]) -> str:
         lines.append(
             f"| {precision} | {schedule} | {task} | {budget} | {arms['smt:grad_sq']['blocks'] or '–'} | "
             f"{_curve(lora)} | {_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst} | "
+            f"{_scaled_text(arms['smt:grad_sq'])} | "
             f"{_over_seeds(arms['lora'], lora_best)} | {_over_seeds(arms['smt:grad_sq'], smt_best)} |"
         )
     return "\n".join([*lines, ""])

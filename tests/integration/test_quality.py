@@ -172,7 +172,8 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     (key,) = section.lr_curves(records)  # bf16 has one LoRA LR only, seed 1 is not a curve point
     assert key == ("32-true", "facts-20", "qkv-r8", "cosine")
     table = section.lr_markdown(records)
-    assert "| 0.003 / 0.001 | 0.300 (+0.150) | 1.000 / 0.900 | val NLL 0.100 (1) | val NLL 0.200 ± 0.071 (2) |" in table
+    assert "| 0.300 (+0.150) | 1.000 / 0.900 | – | val NLL 0.100 (1) | val NLL 0.200 ± 0.071 (2) |" in table
+    assert "| 0.003 / 0.001 | 0.300 (+0.150) |" in table
     assert "| 158 |" in table
     assert section.lr_markdown(records[:5]) == ""  # SMT with one LR: no curve to compare
 
@@ -192,6 +193,13 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     table = section.lr_markdown(records + constant + [again])
     row = next(line for line in table.splitlines() if "| constant |" in line)
     assert "| 1.510 ± 0.014 (2) / 1.480 (acc 0.490 ± 0.014 (2) / 0.520) |" in row
+    # SMT's cells at 3x each grid LR price lr_scale 3: worst (accuracy) / best, before → after
+    for lr, acc in ((9e-4, 0.62), (9e-3, 0.45)):
+        record = run("smt:grad_sq", lr, 2.0 - acc)
+        record["cell"]["schedule"], record["metrics"]["val_acc"] = "constant", acc
+        constant.append(record)
+    row = next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
+    assert "| 1.480 (acc 0.520) / 1.370 → 1.550 (acc 0.450) / 1.380 |" in row
 
 
 def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):

@@ -41,6 +41,10 @@ def _curve(curve: dict[float, float]) -> str:
     return " · ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(curve.items()))
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
 def _over_seeds(entry: dict, lr: float) -> str:
     """Val NLL (and new-wording recall where measured) at ``lr`` over every seed run there: mean ± std (n)."""
     runs = entry["seeds"][lr]
@@ -48,8 +52,7 @@ def _over_seeds(entry: dict, lr: float) -> str:
     for key, name in (("val_nll", "val NLL"), ("test_recall", "recall")):
         values = [m[key] for m in runs if key in m]
         if values:
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            parts.append(f"{name} {statistics.mean(values):.3f}{spread}")
+            parts.append(f"{name} {_mean_std(values)}")
     return ", ".join(parts) + f" ({len(runs)})"
 
 
@@ -68,9 +71,7 @@ def _worst_lr(curve: dict[float, float], worst=max, scale: float = 1.0) -> float
 def _seeded(entry: dict, lr: float, key: str) -> str:
     """``key`` at ``lr``: the one run's value, or mean ± std (seeds) where more seeds ran there."""
     values = [m[key] for m in entry["seeds"][lr]]
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
+    return _mean_std(values) + (f" ({len(values)})" if len(values) > 1 else "")
 
 
 def _worst_text(lora: dict, smt: dict) -> str:
@@ -94,7 +95,7 @@ def _scaled_text(smt: dict) -> str:
         points = _grid_points(smt["curve"], scale)
         if points is None:
             return "–"
-        worst, best = _worst_lr(smt["curve"], scale=scale), min(points, key=smt["curve"].get)
+        worst, best = max(points, key=smt["curve"].get), min(points, key=smt["curve"].get)
         acc = _worst_lr(smt["acc"], min, scale)
         acc_text = "" if acc is None else f" (acc {_seeded(smt, acc, 'val_acc')})"
         parts.append(f"{_seeded(smt, worst, 'val_nll')}{acc_text} / {smt['curve'][best]:.3f}")

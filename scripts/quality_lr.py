@@ -13,9 +13,9 @@ import statistics
 
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 ARMS = ("lora", "smt:grad_sq")
-SCALE_TRIED = 3.0
-"""The ``smt.lr_scale`` the section prices: SMT at this multiple of the user's LR is the same run as the slots'
-param group scaled by it (only the slots train), so its cells are SMT's at 3× each grid LR."""
+SCALES_TRIED = (1.0, 2.0, 3.0)
+"""The ``smt.lr_scale`` values the section prices: SMT at a multiple of the user's LR is the same run as the slots'
+param group scaled by it (only the slots train), so scale k's cells are SMT's at k× each grid LR."""
 
 
 def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -88,18 +88,20 @@ def _worst_text(lora: dict, smt: dict) -> str:
 
 
 def _scaled_text(smt: dict) -> str:
-    """SMT's worst (over the seeds run there) and best val NLL over the user grid at ``lr_scale`` 1 and at
-    ``SCALE_TRIED`` (its cells at 3× each grid LR), and the worst val accuracy where the task has one."""
+    """SMT's worst (over the seeds run there) and best val NLL over the user grid at each of ``SCALES_TRIED`` (its
+    cells at k× each grid LR; "–" where one is missing), and the worst val accuracy where the task has one."""
     parts = []
-    for scale in (1.0, SCALE_TRIED):
+    for scale in SCALES_TRIED:
         points = _grid_points(smt["curve"], scale)
         if points is None:
-            return "–"
+            parts.append("–")
+            continue
         worst, best = max(points, key=smt["curve"].get), min(points, key=smt["curve"].get)
         acc = _worst_lr(smt["acc"], min, scale)
         acc_text = "" if acc is None else f" (acc {_seeded(smt, acc, 'val_acc')})"
         parts.append(f"{_seeded(smt, worst, 'val_nll')}{acc_text} / {smt['curve'][best]:.3f}")
-    return " → ".join(parts)
+    priced = parts[0] != "–" and any(part != "–" for part in parts[1:])
+    return " → ".join(parts) if priced else "–"
 
 
 def lr_markdown(records: list[dict]) -> str:
@@ -114,13 +116,14 @@ def lr_markdown(records: list[dict]) -> str:
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
         "that grid, where both ran all of it (mean ± std (seeds) where more seeds ran at that LR), and the worst "
         "val accuracy where the task has one (issue 24's "
-        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `SMT worst / best, lr_scale 1 → 3`: SMT's worst "
-        "(and worst accuracy) and best val NLL over the grid as it is and with `smt.lr_scale 3`, read from SMT's "
-        "cells at 3× each grid LR (the same runs: only the slots train). `at best LR`: each "
+        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `SMT worst / best, lr_scale 1 → 2 → 3`: SMT's worst "
+        "(and worst accuracy) and best val NLL over the grid as it is and with `smt.lr_scale` 2 and 3, read from "
+        "SMT's cells at 2× and 3× each grid LR (the same runs: only the slots train; – where one is missing). "
+        "`at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "
         "| best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
-        "| SMT worst / best, lr_scale 1 → 3 | at best LR: LoRA | at best LR: SMT |",
+        "| SMT worst / best, lr_scale 1 → 2 → 3 | at best LR: LoRA | at best LR: SMT |",
         "|---|---|---|---|---:|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (precision, task, budget, schedule), arms in sorted(sweeps.items()):

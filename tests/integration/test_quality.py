@@ -193,13 +193,19 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     table = section.lr_markdown(records + constant + [again])
     row = next(line for line in table.splitlines() if "| constant |" in line)
     assert "| 1.510 ± 0.014 (2) / 1.480 (acc 0.490 ± 0.014 (2) / 0.520) |" in row
-    # SMT's cells at 3x each grid LR price lr_scale 3: worst (accuracy) / best, before → after
-    for lr, acc in ((9e-4, 0.62), (9e-3, 0.45)):
-        record = run("smt:grad_sq", lr, 2.0 - acc)
-        record["cell"]["schedule"], record["metrics"]["val_acc"] = "constant", acc
-        constant.append(record)
-    row = next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
-    assert "| 1.480 (acc 0.520) / 1.370 → 1.550 (acc 0.450) / 1.380 |" in row
+
+    # SMT's cells at k x each grid LR price lr_scale k: worst (accuracy) / best at 1 → 2 → 3, – where one is missing
+    def constant_smt(*points):
+        for lr, acc in points:
+            record = run("smt:grad_sq", lr, 2.0 - acc)
+            record["cell"]["schedule"], record["metrics"]["val_acc"] = "constant", acc
+            constant.append(record)
+        return next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
+
+    row = constant_smt((9e-4, 0.62), (9e-3, 0.45))
+    assert "| 1.480 (acc 0.520) / 1.370 → – → 1.550 (acc 0.450) / 1.380 |" in row
+    row = constant_smt((2e-4, 0.55), (6e-4, 0.60), (2e-3, 0.64), (6e-3, 0.57))
+    assert "| 1.480 (acc 0.520) / 1.370 → 1.450 (acc 0.550) / 1.360 → 1.550 (acc 0.450) / 1.380 |" in row
 
 
 def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):

@@ -108,6 +108,7 @@ def lr_markdown(records: list[dict]) -> str:
     sweeps = lr_curves(records)
     if not sweeps:
         return ""
+    scaled = "SMT worst / best, lr_scale " + " → ".join(f"{scale:g}" for scale in SCALES_TRIED)
     lines = [
         "### learning rate: SMT's validation curve beside LoRA's (seed 0)", "",
         "Val NLL by LR for LoRA and default SMT (`smt:grad_sq`) on the same budget, each precision's and each LR "
@@ -116,14 +117,15 @@ def lr_markdown(records: list[dict]) -> str:
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
         "that grid, where both ran all of it (mean ± std (seeds) where more seeds ran at that LR), and the worst "
         "val accuracy where the task has one (issue 24's "
-        "target: SMT's within 0.01 NLL or 1 point of LoRA's). `SMT worst / best, lr_scale 1 → 2 → 3`: SMT's worst "
-        "(and worst accuracy) and best val NLL over the grid as it is and with `smt.lr_scale` 2 and 3, read from "
-        "SMT's cells at 2× and 3× each grid LR (the same runs: only the slots train; – where one is missing). "
+        f"target: SMT's within 0.01 NLL or 1 point of LoRA's). `{scaled}`: SMT's worst "
+        "(and worst accuracy) and best val NLL over the grid as it is and with each larger `smt.lr_scale`, read "
+        "from SMT's cells at that multiple of each grid LR (the same runs: only the slots train; – where one is "
+        "missing). "
         "`at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "
         "| best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
-        "| SMT worst / best, lr_scale 1 → 2 → 3 | at best LR: LoRA | at best LR: SMT |",
+        f"| {scaled} | at best LR: LoRA | at best LR: SMT |",
         "|---|---|---|---|---:|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (precision, task, budget, schedule), arms in sorted(sweeps.items()):

@@ -13,7 +13,7 @@ import statistics
 
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 ARMS = ("lora", "smt:grad_sq")
-SCALES_TRIED = (1.0, 2.0, 3.0)
+SCALES_TRIED = (1.0, 1.5, 2.0, 3.0)
 """The ``smt.lr_scale`` values the section prices: SMT at a multiple of the user's LR is the same run as the slots'
 param group scaled by it (only the slots train), so scale k's cells are SMT's at k× each grid LR."""
 
@@ -56,15 +56,15 @@ def _over_seeds(entry: dict, lr: float) -> str:
     return ", ".join(parts) + f" ({len(runs)})"
 
 
-def _grid_points(curve: dict[float, float], scale: float = 1.0) -> list[float] | None:
-    """The LRs of ``curve`` at ``scale`` × each user-grid LR, or None where one is missing."""
-    points = [next((lr for lr in curve if math.isclose(lr, scale * g, rel_tol=1e-6)), None) for g in USER_GRID]
+def _grid_points(curve: dict[float, float]) -> list[float] | None:
+    """The LRs of ``curve`` at each user-grid LR, or None where one is missing."""
+    points = [next((lr for lr in curve if math.isclose(lr, g, rel_tol=1e-6)), None) for g in USER_GRID]
     return None if None in points else points
 
 
-def _worst_lr(curve: dict[float, float], worst=max, scale: float = 1.0) -> float | None:
-    """The LR where the seed-0 ``curve`` is worst over ``scale`` × the user grid, where it covers all of it."""
-    points = _grid_points(curve, scale)
+def _worst_lr(curve: dict[float, float], worst=max) -> float | None:
+    """The LR where the seed-0 ``curve`` is worst over the user grid, where it covers all of it."""
+    points = _grid_points(curve)
     return None if points is None else worst(points, key=curve.get)
 
 
@@ -87,19 +87,29 @@ def _worst_text(lora: dict, smt: dict) -> str:
     return text + " (acc " + " / ".join(_seeded(e, lr, "val_acc") for e, lr in zip((lora, smt), acc_lrs)) + ")"
 
 
+def _scaled_part(smt: dict, scale: float) -> str:
+    """SMT's worst (over the seeds run there) / best val NLL over ``scale`` × the user grid, with the worst val
+    accuracy where the task has one. Where only part of that grid ran, the worst of what ran is a bound (the whole
+    grid's worst can only be worse) and no best is given: enough to rule a multiplier out without running it all."""
+    curve, accs = smt["curve"], smt["acc"]
+    points = [lr for g in USER_GRID for lr in curve if math.isclose(lr, scale * g, rel_tol=1e-6)]
+    off_grid = [lr for lr in points if not any(math.isclose(lr, g, rel_tol=1e-6) for g in USER_GRID)]
+    if not points or (len(points) < len(USER_GRID) and not off_grid):
+        return "–"  # a part made only of the user grid's own LRs was not run to price this multiple
+    worst = max(points, key=curve.get)
+    acc_points = [lr for lr in points if lr in accs]
+    acc = min(acc_points, key=accs.get) if acc_points else None
+    if len(points) < len(USER_GRID):
+        acc_text = "" if acc is None else f", acc ≤ {accs[acc]:.3f}"
+        return f"≥ {curve[worst]:.3f}{acc_text} ({len(points)} of {len(USER_GRID)} LRs)"
+    acc_text = "" if acc is None else f" (acc {_seeded(smt, acc, 'val_acc')})"
+    return f"{_seeded(smt, worst, 'val_nll')}{acc_text} / {min(curve[lr] for lr in points):.3f}"
+
+
 def _scaled_text(smt: dict) -> str:
-    """SMT's worst (over the seeds run there) and best val NLL over the user grid at each of ``SCALES_TRIED`` (its
-    cells at k× each grid LR; "–" where one is missing), and the worst val accuracy where the task has one."""
-    parts = []
-    for scale in SCALES_TRIED:
-        points = _grid_points(smt["curve"], scale)
-        if points is None:
-            parts.append("–")
-            continue
-        worst, best = max(points, key=smt["curve"].get), min(points, key=smt["curve"].get)
-        acc = _worst_lr(smt["acc"], min, scale)
-        acc_text = "" if acc is None else f" (acc {_seeded(smt, acc, 'val_acc')})"
-        parts.append(f"{_seeded(smt, worst, 'val_nll')}{acc_text} / {smt['curve'][best]:.3f}")
+    """SMT's worst and best over the user grid at each of ``SCALES_TRIED`` (its cells at k× each grid LR; a bound
+    where part of that grid ran, "–" where none of it did)."""
+    parts = [_scaled_part(smt, scale) for scale in SCALES_TRIED]
     priced = parts[0] != "–" and any(part != "–" for part in parts[1:])
     return " → ".join(parts) if priced else "–"
 
@@ -119,8 +129,8 @@ def lr_markdown(records: list[dict]) -> str:
         "val accuracy where the task has one (issue 24's "
         f"target: SMT's within 0.01 NLL or 1 point of LoRA's). `{scaled}`: SMT's worst "
         "(and worst accuracy) and best val NLL over the grid as it is and with each larger `smt.lr_scale`, read "
-        "from SMT's cells at that multiple of each grid LR (the same runs: only the slots train; – where one is "
-        "missing). "
+        "from SMT's cells at that multiple of each grid LR (the same runs: only the slots train; – where none "
+        "ran; where only some ran, `≥` the worst of those, a bound that can rule a multiplier out). "
         "`at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
         "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "

@@ -194,7 +194,7 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     row = next(line for line in table.splitlines() if "| constant |" in line)
     assert "| 1.510 ± 0.014 (2) / 1.480 (acc 0.490 ± 0.014 (2) / 0.520) |" in row
 
-    # SMT's cells at k x each grid LR price lr_scale k: worst (accuracy) / best at 1 → 2 → 3, – where one is missing
+    # SMT's cells at k x each grid LR price lr_scale k: worst (accuracy) / best at 1 → 1.5 → 2 → 3, – where none ran
     def constant_smt(*points):
         for lr, acc in points:
             record = run("smt:grad_sq", lr, 2.0 - acc)
@@ -203,9 +203,12 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
         return next(line for line in section.lr_markdown(records + constant).splitlines() if "| constant |" in line)
 
     row = constant_smt((9e-4, 0.62), (9e-3, 0.45))
-    assert "| 1.480 (acc 0.520) / 1.370 → – → 1.550 (acc 0.450) / 1.380 |" in row
+    assert "| 1.480 (acc 0.520) / 1.370 → – → – → 1.550 (acc 0.450) / 1.380 |" in row
     row = constant_smt((2e-4, 0.55), (6e-4, 0.60), (2e-3, 0.64), (6e-3, 0.57))
-    assert "| 1.480 (acc 0.520) / 1.370 → 1.450 (acc 0.550) / 1.360 → 1.550 (acc 0.450) / 1.380 |" in row
+    assert "| 1.480 (acc 0.520) / 1.370 → – → 1.450 (acc 0.550) / 1.360 → 1.550 (acc 0.450) / 1.380 |" in row
+    # part of a multiple's grid ran: the worst of it bounds the whole grid's worst from below, no best is claimed
+    row = constant_smt((4.5e-3, 0.51), (1.5e-4, 0.53))
+    assert "| 1.480 (acc 0.520) / 1.370 → ≥ 1.490, acc ≤ 0.510 (2 of 4 LRs) → 1.450 (acc 0.550) / 1.360 →" in row
 
 
 def test_a_constant_schedule_is_plain_adamw_and_cached_apart(tiny_run, quality):

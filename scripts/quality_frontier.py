@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from quality_lr import mean_std
 from quality_tasks import arm_label
 
 PLOTS = {"code": "all-r8", "facts-80": "all-r8"}
@@ -28,13 +29,14 @@ def frontiers(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[float
     dense: dict[str, dict[float, list[dict]]] = {}
     for r in records:
         c, m = r["cell"], r["metrics"]
-        if "wiki_nll" not in m or "test_nll" not in m or c.get("warmup_on_top"):
+        other_regime = c.get("warmup_on_top") or c.get("schedule", "cosine") != "cosine"  # the LR section's question
+        if other_regime or "wiki_nll" not in m or "test_nll" not in m:
             continue
-        if c.get("schedule", "cosine") != "cosine":
-            continue  # plain-AdamW cells are the LR section's question, not a point on this frontier
         arm = arm_label(c)
-        target = dense if arm == "full" else groups.setdefault((c["task"], f"{c['targets']}-{c['budget']}"), {})
-        by_lr = target.setdefault(c["task"], {}) if arm == "full" else target.setdefault(arm, {})
+        if arm == "full":
+            by_lr = dense.setdefault(c["task"], {})
+        else:
+            by_lr = groups.setdefault((c["task"], f"{c['targets']}-{c['budget']}"), {}).setdefault(arm, {})
         by_lr.setdefault(c["lr"], []).append(m)
     kept = {}
     for (task, budget), arms in sorted(groups.items()):
@@ -49,9 +51,7 @@ def _mean(runs: list[dict], key: str) -> float:
 
 def _value(runs: list[dict], key: str) -> str:
     values = [m[key] for m in runs if key in m]
-    if not values:
-        return "–"
-    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+    return mean_std(values) if values else "–"
 
 
 def beaten_by(arms: dict[str, dict[float, list[dict]]], arm: str, lr: float) -> list[str]:

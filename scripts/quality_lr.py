@@ -41,7 +41,8 @@ def _curve(curve: dict[float, float]) -> str:
     return " · ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(curve.items()))
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` to 3 decimals (the mean alone for one value)."""
     return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
@@ -52,7 +53,7 @@ def _over_seeds(entry: dict, lr: float) -> str:
     for key, name in (("val_nll", "val NLL"), ("test_recall", "recall")):
         values = [m[key] for m in runs if key in m]
         if values:
-            parts.append(f"{name} {_mean_std(values)}")
+            parts.append(f"{name} {mean_std(values)}")
     return ", ".join(parts) + f" ({len(runs)})"
 
 
@@ -71,7 +72,7 @@ def _worst_lr(curve: dict[float, float], worst=max) -> float | None:
 def _seeded(entry: dict, lr: float, key: str) -> str:
     """``key`` at ``lr``: the one run's value, or mean ± std (seeds) where more seeds ran there."""
     values = [m[key] for m in entry["seeds"][lr]]
-    return _mean_std(values) + (f" ({len(values)})" if len(values) > 1 else "")
+    return mean_std(values) + (f" ({len(values)})" if len(values) > 1 else "")
 
 
 def _worst_text(lora: dict, smt: dict) -> str:

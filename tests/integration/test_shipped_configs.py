@@ -152,6 +152,7 @@ def test_new_facts_config_trains_every_linear_layer_on_written_facts(tmp_path):
             "--trainer.max_steps=3", "--trainer.val_check_interval=3"]  # fmt: skip
     assert main(args) == 0
     selection, _, _ = read_delta(tmp_path / "runs" / "new-facts" / "delta.safetensors")
+    assert selection.criterion == "random" and selection.warmup_steps == 0  # drawn before the first step
     per_module = {name: len(index) for name, index in selection.blocks.items() if len(index)}
     assert sum(per_module.values()) == 28 and len(per_module) >= 7  # of 2 layers × 7 linear layers: spread
     metrics = (next((tmp_path / "runs" / "new-facts").rglob("metrics.csv"))).read_text()

@@ -333,7 +333,10 @@ class SMTLanguageModel(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if not (self.hparams.slim_checkpoints and self.hparams.model):
             return
-        frozen = {f"model.{k}" for k, p in self.model.named_parameters() if not p.requires_grad}
+        # remove_duplicate=False: a tied weight (lm_head = embed_tokens, as in SmolLM2) is in the state dict under
+        # both names, and the default listing names it once, which left the head's copy in every "slim" checkpoint.
+        named = self.model.named_parameters(remove_duplicate=False)
+        frozen = {f"model.{k}" for k, p in named if not p.requires_grad}
         frozen |= {f"model.{k}" for k in quant_state_keys(self.model)}  # a 4-bit weight's scales are not parameters
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["smt_slim"] = True

@@ -54,3 +54,16 @@ def test_slim_checkpoint_resumes_and_exports(tmp_path, train_file):
     assert bank.tuning and torch.equal(bank.map, checkpoint["state_dict"]["model.smt_bank.map"])
     fresh_base = type(module.model).from_pretrained(base)
     assert torch.equal(module.model.lm_head.weight, fresh_base.lm_head.weight)  # the base came back from `model`
+
+
+def test_slim_checkpoint_of_a_tied_head_leaves_out_both_names_and_resumes(tmp_path, train_file):
+    """A tied head (lm_head = embed_tokens, SmolLM2's) is in the state dict under two names: neither is saved."""
+    base = tmp_path / "tied"
+    tiny_llama(hidden=64, vocab=384, tie_word_embeddings=True).save_pretrained(base)
+    assert main(_args(base, train_file, "--trainer.max_steps=4")) == 0
+    checkpoint = torch.load("ckpt/epoch=0-step=4.ckpt", weights_only=True)
+    assert all(k.startswith("model.smt_bank.") for k in checkpoint["state_dict"])
+    assert main(_args(base, train_file, "--trainer.max_steps=8", "--ckpt_path=ckpt/epoch=0-step=4.ckpt")) == 0
+    module = model_from_checkpoint(Path("ckpt/epoch=0-step=8.ckpt"))
+    assert module.model.lm_head.weight is module.model.model.embed_tokens.weight  # still tied after the reload
+    assert torch.equal(module.model.lm_head.weight, type(module.model).from_pretrained(base).lm_head.weight)

@@ -5,6 +5,7 @@ file or carved from the training records; test/predict prompts for ``smt.eval``.
 
 API (what ``smt.lightning.module`` / ``smt.lightning.cli`` rely on):
     ``InstructionDataModule(train_path, val_path=None, test_paths=None, ..., tokenizer=None, template="alpaca")``
+        (``train_path``: one file or hub data set, or a list of them mixed into one training set)
     ``dm.set_tokenizer(tokenizer)``: hand over the model's tokenizer (sets ``pad = eos`` when missing).
     ``dm.tokenizer``: the tokenizer in use (loaded from ``tokenizer``, a folder or hub id).
     Train/val batches: ``input_ids``, ``attention_mask``, ``labels`` (``[B, T]``, right-padded, pads -100).
@@ -63,7 +64,9 @@ class InstructionDataModule(LightningDataModule):
             answer), GSM8K records (question, answer) or plain ``text`` records (continued pretraining, with
             ``template: text``); or a hub data set with those fields,
             ``hub:owner/name[:config][@split]`` (split default ``train``; downloaded once into the datasets cache,
-            cache only under ``HF_HUB_OFFLINE=1``). Needed for fit and validate.
+            cache only under ``HF_HUB_OFFLINE=1``). A list of files / hub data sets trains on their records
+            together (concatenated, then shuffled each epoch and split by ``val_split`` like one file), e.g. the
+            train splits of several tasks. Needed for fit and validate.
         val_path: validation file or ``hub:`` data set (default split ``validation``) in the same formats; when
             unset, ``val_split`` carves one from train.
         test_paths: files or ``hub:`` data sets (default split ``test``) for ``test``/``predict``, one per task
@@ -97,7 +100,7 @@ class InstructionDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | None = None,
+        train_path: str | list[str] | None = None,
         val_path: str | None = None,
         test_paths: list[str] | None = None,
         test_tasks: list[str] | None = None,
@@ -118,7 +121,7 @@ class InstructionDataModule(LightningDataModule):
         local_files_only: bool = False,
     ) -> None:
         super().__init__()
-        _check_args(template, max_length, batch_size, test_paths, test_tasks, val_path, val_split)
+        _check_args(template, max_length, batch_size, train_path, test_paths, test_tasks, val_path, val_split)
         # The tokenizer is the LightningModule's (set_tokenizer); logging it here too would clash with the
         # model's `tokenizer` hyper-parameter in Lightning's merged hparams.
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -186,7 +189,7 @@ class InstructionDataModule(LightningDataModule):
     def _setup_fit(self) -> None:
         if self.train_path is None:
             raise ValueError("InstructionDataModule.train_path is unset; pass --data.train_path <file.json>")
-        train = self._records(self.train_path, "train_path", "train")
+        train = self._train_records()
         val, val_indices, held_out = self._validation(train)
         kept = [i for i in range(len(train)) if i not in held_out]
         self.train_dataset = self._tokenize(train.select(take_limit(kept, self.limit_train, self.seed)))
@@ -209,7 +212,7 @@ class InstructionDataModule(LightningDataModule):
 
     def _test_sources(self) -> list[tuple[datasets.Dataset, str]]:
         if not self.test_paths:  # fall back on the validation records
-            train = self._records(self.train_path, "train_path", "train") if self.train_path else None
+            train = self._train_records() if self.train_path else None
             val, indices, _ = self._validation(train)
             if not indices:
                 raise ValueError("InstructionDataModule has no test data; pass --data.test_paths [<task>/test.json]")
@@ -238,6 +241,13 @@ class InstructionDataModule(LightningDataModule):
 
         dropped = ["instruction", "input", "response"]
         return map_records(records, encode, dropped, ("prompts", template, max_length, task, id(tokenizer)))
+
+    def _train_records(self) -> datasets.Dataset:
+        """The records of ``train_path``: one source's, or several sources' in the order listed."""
+        if isinstance(self.train_path, str):
+            return self._records(self.train_path, "train_path", "train")
+        parts = [self._records(path, f"train_path[{i}]", "train") for i, path in enumerate(self.train_path)]
+        return datasets.concatenate_datasets(parts)
 
     def _records(self, path: str, role: str, default_split: str) -> datasets.Dataset:
         """A file's records (Arrow files in ``cache_dir`` or a temporary folder), or a hub data set's (usual cache)."""
@@ -297,6 +307,7 @@ def _check_args(
     template: str,
     max_length: int,
     batch_size: int,
+    train_path: str | list[str] | None,
     test_paths: list[str] | None,
     test_tasks: list[str] | None,
     val_path: str | None,
@@ -307,6 +318,8 @@ def _check_args(
         raise ValueError(f"max_length={max_length} must be ≥ 2 (one prompt token and one response token)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be ≥ 1")
+    if isinstance(train_path, list) and not train_path:
+        raise ValueError("train_path is an empty list; give a file (or several: [a.json, b.json]) or leave it unset")
     if test_tasks and len(test_tasks) != len(test_paths or []):
         raise ValueError(
             f"test_tasks has {len(test_tasks)} names for {len(test_paths or [])} test_paths; give one each"
@@ -317,7 +330,15 @@ def _check_args(
         raise ValueError(f"both val_path and val_split={val_split} are set; use one of them")
 
 
-def _task_of(path: str, role: str) -> str:
+def _task_of(path: str | list[str], role: str) -> str:
+    if isinstance(path, list):  # validation carved from several files: one task only if every file names it
+        tasks = {_task_of(one, role) for one in path}
+        if len(tasks) > 1:
+            raise ValueError(
+                f"{role}: the training files are of several tasks ({', '.join(sorted(tasks))}), so the validation "
+                "records carved from them have none; pass --data.test_paths [<task>/test.json, …]"
+            )
+        return tasks.pop()
     hub = parse_hub_dataset(path, "test", role)
     names = [path] if hub is None else [name for name in (hub.config, hub.repo_id) if name]
     spec = next((found for found in map(detect_task, names) if found is not None), None)

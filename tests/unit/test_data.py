@@ -239,6 +239,43 @@ def test_module_split_and_limits_are_reproducible(tmp_path):
     assert order[0] == order[1]
 
 
+def test_several_train_files_train_together_and_share_one_validation_split(tmp_path):
+    boolq = _write_json(tmp_path / "boolq" / "train.json", BOOLQ_ROWS)
+    gsm8k = _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", GSM8K_ROWS)
+    alone = [_module(tmp_path / name, train_path=path) for name, path in (("a", boolq), ("b", gsm8k))]
+    mixed = _module(tmp_path / "c", train_path=[boolq, gsm8k], val_split=0.25, seed=3)
+    for dm in (*alone, mixed):
+        dm.setup("fit")
+    every = [tuple(ids) for dm in alone for ids in dm.train_dataset["input_ids"]]
+    held_out, kept = (list(map(tuple, d["input_ids"])) for d in (mixed.val_dataset, mixed.train_dataset))
+    assert sorted(held_out + kept) == sorted(every) and len(held_out) == 6  # ¼ of 22, every record once
+    rows = [row for batch in mixed.train_dataloader() for row in batch["attention_mask"].sum(1).tolist()]
+    assert len(rows) == len(kept) == 16  # one epoch: every kept record of both files once
+
+
+def test_several_train_files_of_one_task_fall_back_on_validation_for_test(tmp_path):
+    first = _write_json(tmp_path / "boolq" / "train.json", BOOLQ_ROWS[:10])
+    second = _write_json(tmp_path / "x" / "boolq" / "train.json", BOOLQ_ROWS[10:])
+    dm = _module(tmp_path, train_path=[first, second], val_split=4)
+    dm.setup("test")
+    assert list(dm.test_dataset["task"]) == ["boolq"] * 4
+
+
+def test_several_train_files_of_several_tasks_need_test_paths(tmp_path):
+    boolq = _write_json(tmp_path / "boolq" / "train.json", BOOLQ_ROWS)
+    gsm8k = _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", GSM8K_ROWS)
+    message = _one_line_error("several tasks", lambda: _module(tmp_path, train_path=[boolq, gsm8k], val_split=4)
+                              .setup("test"))  # fmt: skip
+    assert "boolq, gsm8k" in message and "test_paths" in message
+
+
+def test_a_missing_file_in_a_train_list_is_named_with_its_position(tmp_path):
+    boolq = _write_json(tmp_path / "boolq" / "train.json", BOOLQ_ROWS)
+    missing = str(tmp_path / "nope.json")
+    message = _one_line_error("does not exist", lambda: _module(tmp_path, train_path=[boolq, missing]).setup("fit"))
+    assert "train_path[1]" in message and missing in message
+
+
 def test_collated_batches_are_right_padded_with_eos_as_pad(tmp_path):
     dm = _module(tmp_path, _tokenizer(with_pad=False), batch_size=4, val_split=4, eval_batch_size=4)
     dm.setup("fit")
@@ -368,6 +405,7 @@ def test_bad_arguments_fail_at_construction(tmp_path):
     _one_line_error("template='plain'", lambda: InstructionDataModule(template="plain"))
     _one_line_error("use one of them", lambda: InstructionDataModule(val_path="v.json", val_split=0.1))
     _one_line_error("max_length", lambda: InstructionDataModule(max_length=1))
+    _one_line_error("empty list", lambda: InstructionDataModule(train_path=[]))
 
 
 def test_tokenizer_is_loaded_locally_or_explained(tmp_path):

@@ -6,6 +6,8 @@ callback and data module are then built from the printed sections (cheap, no mod
 budgets are checked on the real architectures, built on the ``meta`` device (shapes only, no memory).
 """
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -66,7 +68,8 @@ def test_config_parses_and_opens_with_its_launch_command(path, capsys):
 
 
 def test_every_real_use_config_is_checked_here():
-    own_tests = {"debug.yaml", "debug-nf4.yaml", "quickstart.yaml", "smollm2-new-facts.yaml"}
+    own_tests = {"debug.yaml", "debug-nf4.yaml", "quickstart.yaml", "smollm2-new-facts.yaml",
+                 "smollm2-commonsense.yaml"}  # fmt: skip
     shipped = {p.name for p in CONFIGS} - own_tests
     assert shipped == set(REAL_USE)
 
@@ -120,6 +123,7 @@ TINY_MODEL = [  # the shape of configs/debug.yaml's model, for configs that name
     '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384}',
     "--model.tokenizer=bytes", "--model.dtype=float32", "--trainer.accelerator=cpu", "--trainer.devices=1",
     "--trainer.precision=32-true", "--trainer.val_check_interval=1.0", "--smt.block_size=16", "--smt.num_blocks=4",
+    "--smt.budget_lora_rank=null",
     "--data.train_path=configs/data/debug.jsonl", "--data.val_path=null", "--data.val_split=8", "--data.test_paths=[]",
     "--data.test_tasks=null", "--data.num_workers=0", "--data.batch_size=4",
 ]  # fmt: skip
@@ -157,3 +161,45 @@ def test_new_facts_config_trains_every_linear_layer_on_written_facts(tmp_path):
     assert sum(per_module.values()) == 28 and len(per_module) >= 7  # of 2 layers × 7 linear layers: spread
     metrics = (next((tmp_path / "runs" / "new-facts").rglob("metrics.csv"))).read_text()
     assert "val" in metrics.splitlines()[0]
+
+
+COMMONSENSE_SETS = {"boolq": ["true", "false"], "ARC-Easy": [f"answer{i}" for i in range(1, 5)],
+                    "ARC-Challenge": [f"answer{i}" for i in range(1, 5)],
+                    "openbookqa": [f"answer{i}" for i in range(1, 5)]}  # fmt: skip
+
+
+def write_llm_adapters_set(folder, name: str, labels: list[str], count: int) -> None:
+    """A tiny LLM-Adapters-format set (question with its label choices → "the correct answer is <label>")."""
+    for split, rows in (("train", count), ("test", 3)):
+        records = [{"instruction": f"{name} question {i}? Answer format: {'/'.join(labels)}", "input": "",
+                    "output": f"the correct answer is {labels[i % len(labels)]}", "answer": labels[i % len(labels)]}
+                   for i in range(rows)]  # fmt: skip
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / f"{split}.json").write_text(json.dumps(records))
+
+
+def test_commonsense_config_trains_the_four_sets_as_one_and_tests_each(tmp_path, monkeypatch):
+    """configs/smollm2-commonsense.yaml with its data paths as shipped (tiny sets where ../shared/data would be), on
+    the debug model: the four train splits train as one mix with validation carved from it, and ``smt test`` scores
+    each test set by label likelihood."""
+    repo, data = tmp_path / "repo", tmp_path / "shared" / "data" / "llm_adapters"
+    repo.mkdir()
+    (repo / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(repo)  # the config's ../shared/data is this test's own folder
+    for index, (name, labels) in enumerate(COMMONSENSE_SETS.items()):
+        write_llm_adapters_set(data, name, labels, count=6 + index)
+    model = [a for a in TINY_MODEL if not a.startswith(("--data.", "--smt.num_blocks", "--trainer.val_check"))]
+    shared = [*model, "--smt.budget_lora_rank=2", "--data.val_split=4"]
+    fit = ["fit", "--config", "configs/smollm2-commonsense.yaml", *shared, "--trainer.max_steps=3",
+           "--trainer.val_check_interval=3", "--smt.warmup_steps=1"]  # fmt: skip
+    assert main(fit) == 0
+    runs = repo / "runs" / "smollm2-commonsense"
+    selection, _, _ = read_delta(runs / "delta.safetensors")
+    assert sum(len(index) for index in selection.blocks.values()) == 5  # LoRA r=2 on q,k,v of 2 layers: 1,280 / 16²
+    last = runs / "checkpoints" / "last.ckpt"
+    test = ["test", "--config", "configs/smollm2-commonsense.yaml", *shared, f"--ckpt_path={last}"]
+    assert main(test) == 0
+    results = json.loads((runs / "test_results.json").read_text())
+    assert {name: scores["total"] for name, scores in results["tasks"].items()} == dict.fromkeys(COMMONSENSE_SETS, 3)
+    metrics = next(runs.rglob("metrics.csv")).read_text()
+    assert "val" in metrics.splitlines()[0]  # validation carved from the mix ran

@@ -1,9 +1,9 @@
 """The quality report's learning-rate section: SMT's LR curve beside LoRA's, per task and budget.
 
 What a user who keeps the LR they tuned for LoRA gets from SMT (``smt.lr_scale``, issue 24): for every (precision,
-task, budget) where LoRA and default SMT each ran three or more LRs at seed 0, both validation curves, each arm's
-best LR, SMT's loss at LoRA's best LR against SMT's own best, and each arm's worst over the common user grid
-1e-4 … 3e-3 where both ran all of it.
+task, budget) where LoRA and an SMT arm (the default ``global`` selection, or ``proportional``) each ran three or
+more LRs at seed 0, both validation curves, each arm's best LR, SMT's loss at LoRA's best LR against SMT's own best,
+and each arm's worst over the common user grid 1e-4 … 3e-3 where both ran all of it; one row per SMT arm.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import math
 import statistics
 
 USER_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
-ARMS = ("lora", "smt:grad_sq")
+SMT_ARMS = {"smt:grad_sq": "global", "spread:grad_sq": "proportional"}
+"""The SMT arms the section sets beside LoRA, by the allocation each uses."""
+ARMS = ("lora", *SMT_ARMS)
 SCALES_TRIED = (1.0, 1.5, 2.0, 3.0)
 """The ``smt.lr_scale`` values the section prices: SMT at a multiple of the user's LR is the same run as the slots'
 param group scaled by it (only the slots train), so scale k's cells are SMT's at k× each grid LR."""
@@ -34,7 +36,10 @@ def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
             if "val_acc" in r["metrics"]:
                 entry["acc"][c["lr"]] = r["metrics"]["val_acc"]
             entry["blocks"] = (r.get("selection") or {}).get("blocks", entry["blocks"])
-    return {k: v for k, v in sweeps.items() if all(len(v.get(arm, {}).get("curve", {})) >= 3 for arm in ARMS)}
+    def swept(arms: dict, arm: str) -> bool:
+        return len(arms.get(arm, {}).get("curve", {})) >= 3
+
+    return {k: v for k, v in sweeps.items() if swept(v, "lora") and any(swept(v, arm) for arm in SMT_ARMS)}
 
 
 def _curve(curve: dict[float, float]) -> str:
@@ -122,7 +127,8 @@ def lr_markdown(records: list[dict]) -> str:
     scaled = "SMT worst / best, lr_scale " + " → ".join(f"{scale:g}" for scale in SCALES_TRIED)
     lines = [
         "### learning rate: SMT's validation curve beside LoRA's (seed 0)", "",
-        "Val NLL by LR for LoRA and default SMT (`smt:grad_sq`) on the same budget, each precision's and each LR "
+        "Val NLL by LR for LoRA and SMT (`grad_sq`; `allocation` `global`, the default, and `proportional` "
+        "where it was swept: one row each) on the same budget, each precision's and each LR "
         "schedule's cells compared only with each other (`cosine`: the study's; `constant`: plain AdamW, no "
         "warm-up, no decay). `SMT at LoRA's LR`: SMT's val NLL at the LR that is best for LoRA, and how far that is "
         "above SMT's own best (what keeping LoRA's LR costs). `worst on 1e-4…3e-3`: each arm's worst val NLL over "
@@ -134,20 +140,24 @@ def lr_markdown(records: list[dict]) -> str:
         "ran; where only some ran, `≥` the worst of those, a bound that can rule a multiplier out). "
         "`at best LR`: each "
         "arm at its own best LR over every seed run there, mean ± std (seeds).", "",
-        "| precision | schedule | task | budget | SMT blocks | LoRA: val NLL by LR | SMT: val NLL by LR "
-        "| best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
+        "| precision | schedule | task | budget | SMT allocation | SMT blocks | LoRA: val NLL by LR "
+        "| SMT: val NLL by LR | best LR LoRA / SMT | SMT at LoRA's LR (− SMT's best) | worst on 1e-4…3e-3 LoRA / SMT "
         f"| {scaled} | at best LR: LoRA | at best LR: SMT |",
-        "|---|---|---|---|---:|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---:|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for (precision, task, budget, schedule), arms in sorted(sweeps.items()):
-        lora, smt = arms["lora"]["curve"], arms["smt:grad_sq"]["curve"]
-        lora_best, smt_best = min(lora, key=lora.get), min(smt, key=smt.get)
-        at_lora = f"{smt[lora_best]:.3f} (+{smt[lora_best] - smt[smt_best]:.3f})" if lora_best in smt else "–"
-        worst = _worst_text(arms["lora"], arms["smt:grad_sq"])
-        lines.append(
-            f"| {precision} | {schedule} | {task} | {budget} | {arms['smt:grad_sq']['blocks'] or '–'} | "
-            f"{_curve(lora)} | {_curve(smt)} | {lora_best:g} / {smt_best:g} | {at_lora} | {worst} | "
-            f"{_scaled_text(arms['smt:grad_sq'])} | "
-            f"{_over_seeds(arms['lora'], lora_best)} | {_over_seeds(arms['smt:grad_sq'], smt_best)} |"
-        )
+        for arm, allocation in SMT_ARMS.items():
+            if len(arms.get(arm, {}).get("curve", {})) >= 3:
+                lines.append(f"| {precision} | {schedule} | {task} | {budget} | {allocation} | "
+                             f"{_row(arms['lora'], arms[arm])} |")  # fmt: skip
     return "\n".join([*lines, ""])
+
+
+def _row(lora_entry: dict, smt_entry: dict) -> str:
+    """One SMT arm's columns beside LoRA's, from the block count on."""
+    lora, smt = lora_entry["curve"], smt_entry["curve"]
+    lora_best, smt_best = min(lora, key=lora.get), min(smt, key=smt.get)
+    at_lora = f"{smt[lora_best]:.3f} (+{smt[lora_best] - smt[smt_best]:.3f})" if lora_best in smt else "–"
+    return (f"{smt_entry['blocks'] or '–'} | {_curve(lora)} | {_curve(smt)} | {lora_best:g} / {smt_best:g} | "
+            f"{at_lora} | {_worst_text(lora_entry, smt_entry)} | {_scaled_text(smt_entry)} | "
+            f"{_over_seeds(lora_entry, lora_best)} | {_over_seeds(smt_entry, smt_best)}")  # fmt: skip

@@ -201,9 +201,15 @@ def test_the_lr_section_sets_smts_curve_beside_loras_and_prices_keeping_loras_lr
     assert key == ("32-true", "facts-20", "qkv-r8", "cosine")
     table = section.lr_markdown(records)
     assert "| 0.300 (+0.150) | 1.000 / 0.900 | – | val NLL 0.100 (1) | val NLL 0.200 ± 0.071 (2) |" in table
-    assert "| 0.003 / 0.001 | 0.300 (+0.150) |" in table
+    assert "| 0.003 / 0.001 | 0.300 (+0.150) |" in table and "| cosine | facts-20 | qkv-r8 | global | 158 |" in table
     assert "| 158 |" in table
     assert section.lr_markdown(records[:5]) == ""  # SMT with one LR: no curve to compare
+    # the proportional allocation, where swept, gets a row of its own beside the same LoRA curve
+    spread = [run("spread:grad_sq", lr, val) for lr, val in zip(grid, (0.95, 0.4, 0.12, 0.2))]
+    rows = [line for line in section.lr_markdown(records + spread).splitlines() if "| cosine | facts-20 |" in line]
+    assert len(rows) == 2 and "| global |" in rows[0] and "| proportional |" in rows[1]
+    assert "| 0.003 / 0.001 | 0.200 (+0.080) | 1.000 / 0.950 |" in rows[1]
+    assert section.lr_markdown(records + spread[:2]) == table  # two LRs: no proportional row
 
     # a plain-AdamW sweep is its own row, with the worst accuracy where the task measures one
     constant = []

@@ -318,7 +318,7 @@ def _check_args(
         raise ValueError(f"max_length={max_length} must be ≥ 2 (one prompt token and one response token)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be ≥ 1")
-    if isinstance(train_path, list) and not train_path:
+    if train_path is not None and not isinstance(train_path, str) and not train_path:
         raise ValueError("train_path is an empty list; give a file (or several: [a.json, b.json]) or leave it unset")
     if test_tasks and len(test_tasks) != len(test_paths or []):
         raise ValueError(
@@ -331,7 +331,7 @@ def _check_args(
 
 
 def _task_of(path: str | list[str], role: str) -> str:
-    if isinstance(path, list):  # validation carved from several files: one task only if every file names it
+    if not isinstance(path, str):  # validation carved from several files: one task only if every file names it
         tasks = {_task_of(one, role) for one in path}
         if len(tasks) > 1:
             raise ValueError(

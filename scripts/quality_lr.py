@@ -36,10 +36,12 @@ def lr_curves(records: list[dict]) -> dict[tuple, dict[str, dict]]:
             if "val_acc" in r["metrics"]:
                 entry["acc"][c["lr"]] = r["metrics"]["val_acc"]
             entry["blocks"] = (r.get("selection") or {}).get("blocks", entry["blocks"])
-    def swept(arms: dict, arm: str) -> bool:
-        return len(arms.get(arm, {}).get("curve", {})) >= 3
+    return {k: v for k, v in sweeps.items() if _swept(v, "lora") and any(_swept(v, arm) for arm in SMT_ARMS)}
 
-    return {k: v for k, v in sweeps.items() if swept(v, "lora") and any(swept(v, arm) for arm in SMT_ARMS)}
+
+def _swept(arms: dict, arm: str) -> bool:
+    """Whether ``arm`` ran three or more LRs at seed 0 (enough for a curve)."""
+    return len(arms.get(arm, {}).get("curve", {})) >= 3
 
 
 def _curve(curve: dict[float, float]) -> str:
@@ -147,7 +149,7 @@ def lr_markdown(records: list[dict]) -> str:
     ]  # fmt: skip
     for (precision, task, budget, schedule), arms in sorted(sweeps.items()):
         for arm, allocation in SMT_ARMS.items():
-            if len(arms.get(arm, {}).get("curve", {})) >= 3:
+            if _swept(arms, arm):
                 lines.append(f"| {precision} | {schedule} | {task} | {budget} | {allocation} | "
                              f"{_row(arms['lora'], arms[arm])} |")  # fmt: skip
     return "\n".join([*lines, ""])
